@@ -1,0 +1,27 @@
+"""EfficientNet family with group convs, batch-independent norms and proxy-normalised activations."""
+
+from typing import Dict, List
+
+from torch import nn
+
+from .config import ModelConfig
+from .efficientnet import EfficientNet, native_resolution, split_points
+from .norms import NORM_MODULES
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return EfficientNet(cfg)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two optimizer groups: decayed weights, and undecayed norm, proxy-norm and bias parameters."""
+    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, NORM_MODULES) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if id(p) in no_decay_ids or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+__all__ = ["ModelConfig", "build_model", "param_groups", "split_points", "native_resolution", "EfficientNet"]

@@ -1,0 +1,84 @@
+"""Normalisation layers and the norm + activation unit every conv in the network is followed by.
+
+``batch`` is the original EfficientNet. ``group`` and ``layer`` (GroupNorm with one group) compute statistics per
+sample, so the result does not depend on the micro-batch — the point on IPUs, whose micro-batches are tiny.
+With ``proxy_norm`` the norm loses its affine and a :class:`ProxyNormActivation` owns gamma/beta instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .proxy_norm import ProxyMode, ProxyNormActivation
+
+NormKind = Literal["batch", "group", "layer"]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What every norm in one model is: kind, groups for ``group``, epsilon, and whether proxy norm follows."""
+
+    kind: NormKind = "batch"
+    num_groups: int = 4
+    eps: float = 1e-3
+    proxy_norm: bool = False
+    bn_momentum: float = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
+
+    def __post_init__(self) -> None:
+        if self.proxy_norm and self.kind == "batch":
+            raise ValueError("proxy_norm needs a batch-independent norm (group or layer), not batch")
+
+
+def norm_layer(spec: NormSpec, channels: int, affine: bool = True) -> nn.Module:
+    if spec.kind == "batch":
+        return nn.BatchNorm2d(channels, eps=spec.eps, momentum=spec.bn_momentum, affine=affine)
+    groups = 1 if spec.kind == "layer" else spec.num_groups
+    if channels % groups:
+        raise ValueError(f"group norm with {groups} groups cannot split {channels} channels evenly")
+    return nn.GroupNorm(groups, channels, eps=spec.eps, affine=affine)
+
+
+class NormAct(nn.Module):
+    """Norm then swish; with proxy norm, an affine-free norm then the proxy-normalised swish."""
+
+    def __init__(self, spec: NormSpec, channels: int, proxy_mode: ProxyMode = "full"):
+        super().__init__()
+        self.norm = norm_layer(spec, channels, affine=not spec.proxy_norm)
+        self.act: nn.Module = ProxyNormActivation(channels, proxy_mode) if spec.proxy_norm else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x))
+
+    def forward_deferred(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Output and the per-channel scale still to apply (``None`` without proxy norm)."""
+        if isinstance(self.act, ProxyNormActivation) and self.act.mode == "deferred_scale":
+            return self.act.forward_deferred(self.norm(x))
+        return self(x), None
+
+
+class ScaleOnlyNorm(nn.Module):
+    """Affine-free norm times a per-channel scale, without shift.
+
+    The projection conv of a proxy-normed block has no activation after it, so proxy norm does not apply; the
+    reference implementation drops the norm's shift there instead.
+    """
+
+    def __init__(self, spec: NormSpec, channels: int):
+        super().__init__()
+        self.norm = norm_layer(spec, channels, affine=False)
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.weight.to(x.dtype).view(1, -1, 1, 1)
+
+
+def projection_norm(spec: NormSpec, channels: int) -> nn.Module:
+    """The norm after a linear (no activation) projection conv."""
+    return ScaleOnlyNorm(spec, channels) if spec.proxy_norm else norm_layer(spec, channels)
+
+
+NORM_MODULES = (nn.BatchNorm2d, nn.GroupNorm, ScaleOnlyNorm, ProxyNormActivation)

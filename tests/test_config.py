@@ -1,0 +1,74 @@
+"""Config loader: inheritance, overrides, and a clear message for every kind of mistake."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "parent.yml", "model:\n  group_dim: 16\n  norm: layer\ntrain:\n  epochs: 3\n")
+    child = write(tmp_path, "child.yml", "base: parent.yml\nmodel:\n  proxy_norm: true\n")
+    cfg = load_config(child, ["train.epochs=7", "train.resolution=160", "model.num_classes=10"])
+    assert (cfg.model.group_dim, cfg.model.norm, cfg.model.proxy_norm) == (16, "layer", True)
+    assert (cfg.train.epochs, cfg.train.resolution, cfg.model.num_classes) == (7, 160, 10)
+    assert cfg.name == "child"
+
+
+def test_round_trip_through_plain_data():
+    cfg = load_config(str(ROOT / "configs/models/efficientnet-b0-g16-ln-pn.yml"))
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.group_dimm=16", "unknown key 'model.group_dimm'; did you mean 'model.group_dim'?"),
+    ("modle.norm=layer", "unknown key 'modle'; did you mean 'model'?"),
+    ("model.group_dim=sixteen", "model.group_dim: 'sixteen' is not an integer"),
+    ("model.norm=instance", "model.norm: 'instance' is not one of 'batch', 'group', 'layer'"),
+    ("model.proxy_norm=yes please", "model.proxy_norm: 'yes please' is not true or false"),
+    ("model.group_dim=0", "model.group_dim: 0 is below the minimum 1"),
+    ("model.proxy_norm=true", "model.proxy_norm: true needs model.norm group or layer, not batch"),
+    ("train.resolution=huge", "train.resolution: 'huge' is not an integer or one of 'half' or null"),
+    ("model", "--set 'model': expected section.key=value"),
+])
+def test_errors_name_the_key_value_and_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "bad.yml", "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(write(tmp_path, "loop.yml", "base: loop.yml\n"))
+
+
+def test_defaults_are_a_valid_config():
+    assert load_config(None) == Config()
+
+
+def test_cli_prints_resolved_config_and_user_errors_without_traceback():
+    cmd = [sys.executable, "-m", "train", "--config", "configs/models/efficientnet-b0-g16-ln-pn.yml"]
+    ok = subprocess.run(cmd + ["--print-config", "--set", "train.epochs=2"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    printed = yaml.safe_load(ok.stdout)
+    assert printed["model"]["proxy_norm"] is True and printed["train"]["epochs"] == 2
+    bad = subprocess.run(cmd + ["--print-config", "--set", "model.nrom=layer"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "did you mean 'model.norm'" in bad.stderr and "Traceback" not in bad.stderr

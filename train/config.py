@@ -1,0 +1,294 @@
+"""YAML recipes → one typed, validated :class:`Config`.
+
+Each section is a dataclass that lives next to the code that reads it (``models/config.py`` for ``model``,
+``data/config.py`` for ``data``, ``ipu_options/config.py`` for ``ipu``, the rest below). The loader is general:
+it checks any dataclass against its type hints and ``field(metadata={"min", "max", "help"})``, so a section gains
+a key by gaining a field.
+
+Recipes may inherit: ``base: other.yml`` (or a list) is loaded first, relative to the file, and deep-merged
+under it. ``--set section.key=value`` overrides come last; values are parsed as YAML (``--set train.epochs=3``).
+Every user mistake raises :class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import yaml
+
+from data.config import DataConfig
+from ipu_options.config import IpuConfig
+from models.config import ModelConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value the user must fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class TrainConfig:
+    backend: Literal["torch", "ipu"] = field(default="torch", metadata={"help": "torch (CPU/CUDA) or ipu (PopTorch)"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "torch backend device"})
+    epochs: int = field(default=10, metadata={"min": 0})
+    max_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "stop phase 1 after this many optimizer steps"})
+    resolution: Union[int, Literal["half"], None] = field(default=None, metadata={"min": 8, "help": "int, half, or null for native"})
+    micro_batch_size: int = field(default=32, metadata={"min": 1})
+    gradient_accumulation: int = field(default=1, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0})
+    label_smoothing: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["rmsprop_tf", "sgd", "adamw"] = "rmsprop_tf"
+    lr: float = field(default=0.046875, metadata={"min": 0.0, "help": "at reference_batch; scaled by global batch"})
+    reference_batch: int = field(default=768, metadata={"min": 1})
+    weight_decay: float = field(default=1e-5, metadata={"min": 0.0})
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["exponential", "cosine", "constant"] = "exponential"
+    warmup_epochs: float = field(default=5.0, metadata={"min": 0.0})
+
+
+@dataclass
+class PrecisionConfig:
+    compute: Literal["fp32", "bf16", "fp16", "16.16", "16.32"] = field(
+        default="fp32", metadata={"help": "torch: fp32/bf16/fp16 autocast; ipu: 16.16 or 16.32 (compute.weights)"})
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "efficientnet-ipu"
+    run_dir: str = field(default="runs", metadata={"help": "run folders go in <run_dir>/<config>-<time>/"})
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = field(default=1, metadata={"min": 1})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    ipu: IpuConfig = field(default_factory=IpuConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = field(default="run", metadata={"help": "recipe name; the file's stem unless set"})
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (tuple, Tuple):
+        return f"a list of {len(typing.get_args(tp))} values"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to ``tp`` or :class:`_Mismatch` (the caller words the error)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(value, option, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return check_section(tp, value, key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        (item,) = typing.get_args(tp)
+        return [_check_item(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise _Mismatch
+        return tuple(_check_item(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        kt, vt = typing.get_args(tp)
+        return {_check_item(k, kt, key): _check_item(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def _check_item(value: Any, tp: Any, key: str) -> Any:
+    try:
+        return _check_value(value, tp, key)
+    except _Mismatch:
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}") from None
+
+
+def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}")
+
+
+def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
+    """Build dataclass ``cls`` from a mapping, with an error naming ``prefix.key`` for anything wrong."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: {raw!r} is not {_type_name(cls)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r}{hint} (valid keys: {', '.join(known)})")
+        values[key] = _check_item(value, hints[key], full)
+        _check_range(values[key], known[key].metadata, full)
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return instance
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """A YAML file with its ``base:`` chain merged in (bases first)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop("base", [])
+    merged: Dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_recipe(path.parent / base, _seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def apply_override(raw: Dict[str, Any], override: str) -> Dict[str, Any]:
+    """``a.b.c=value`` (value parsed as YAML) merged into ``raw``."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return _deep_merge(raw, nested)
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    raw: Dict[str, Any] = read_recipe(Path(path)) if path else {}
+    if path and "name" not in raw:
+        raw["name"] = Path(path).stem
+    for override in overrides:
+        raw = apply_override(raw, override)
+    return check_section(Config, raw, "")
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain data (tuples as lists) for YAML/JSON dumps, W&B and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(raw: Dict[str, Any]) -> Config:
+    return check_section(Config, raw, "")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
