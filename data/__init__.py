@@ -1,0 +1,13 @@
+"""Data sets, host preprocessing and loaders. Samples are ``(uint8 tensor [3, S, S], int label)``."""
+
+from data.base import ImageDataset, SampleKey
+from data.build import build_dataset
+from data.config import DataConfig
+from data.errors import DataError
+from data.loader import ShardedBatchSampler, build_loader
+from data.transforms import Preprocessing, build_transform
+
+__all__ = [
+    "DataConfig", "DataError", "ImageDataset", "Preprocessing", "SampleKey", "ShardedBatchSampler",
+    "build_dataset", "build_loader", "build_transform",
+]

@@ -1,0 +1,47 @@
+"""The ``data`` config section: which data set, where it is, and how it is augmented and loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Tuple
+
+FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion-mnist", "imagefolder", "tar", "generated"] = field(
+        default="fashion-mnist",
+        metadata={"help": "imagefolder: train/<class>/* + val/ (or test/); tar: such a tree in a .tar/.tar.gz; "
+                          "generated: random images for throughput work"})
+    path: Optional[str] = field(
+        default=None,
+        metadata={"help": f"folder or tarball; fashion-mnist defaults to {FASHION_MNIST_PATH}"})
+    workers: int = field(default=2, metadata={"min": 0, "help": "DataLoader worker processes"})
+    pin_memory: bool = field(default=True, metadata={"help": "pin host batches (used only with CUDA)"})
+    persistent_workers: bool = field(default=True, metadata={"help": "keep workers alive between epochs"})
+    crop_scale: Tuple[float, float] = field(
+        default=(0.05, 1.0), metadata={"help": "Inception crop: area range as fractions of the image"})
+    crop_ratio: Tuple[float, float] = field(
+        default=(0.75, 1.3333), metadata={"help": "Inception crop: aspect-ratio range"})
+    hflip: bool = field(default=True, metadata={"help": "random horizontal flips in training"})
+    skip_corrupt: bool = field(
+        default=False, metadata={"help": "replace undecodable images by the next sample (with a warning) "
+                                         "instead of stopping"})
+    train_subset: Optional[int] = field(
+        default=None, metadata={"min": 1, "help": "use only this many training samples, class-balanced"})
+    val_subset: Optional[int] = field(
+        default=None, metadata={"min": 1, "help": "use only this many validation samples, class-balanced"})
+    generated_samples: int = field(default=1024, metadata={"min": 1, "help": "size of the generated data set"})
+    generated_classes: int = field(default=1000, metadata={"min": 1, "help": "labels of the generated data set"})
+
+    def validate(self) -> None:
+        """Cross-field checks the generic loader cannot do from type hints alone."""
+        if self.dataset in ("imagefolder", "tar") and not self.path:
+            raise ValueError(f"data.path is required for data.dataset {self.dataset!r}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"data.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        low, high = self.crop_ratio
+        if not 0.0 < low <= high:
+            raise ValueError(f"data.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max")
