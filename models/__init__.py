@@ -1,11 +1,11 @@
-"""EfficientNet family with group convs, batch-independent norms and proxy-normalised activations."""
+"""EfficientNet V1 and V2 families with group convs, batch-independent norms and proxy-normalised activations."""
 
 from typing import Dict, List
 
 from torch import nn
 
 from .config import ModelConfig
-from .efficientnet import EfficientNet, native_resolution, split_points
+from .efficientnet import EfficientNet, native_resolution, split_points, train_resolution
 from .norms import NORM_MODULES
 
 
@@ -24,4 +24,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-__all__ = ["ModelConfig", "build_model", "param_groups", "split_points", "native_resolution", "EfficientNet"]
+__all__ = ["ModelConfig", "build_model", "param_groups", "split_points", "native_resolution", "train_resolution",
+           "EfficientNet"]

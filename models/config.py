@@ -8,14 +8,16 @@ from typing import Literal, Optional
 ModelName = Literal[
     "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "efficientnet-b3",
     "efficientnet-b4", "efficientnet-b5", "efficientnet-b6", "efficientnet-b7",
+    "efficientnetv2-b0", "efficientnetv2-b1", "efficientnetv2-b2", "efficientnetv2-b3",
+    "efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l",
 ]
 
 
 @dataclass
 class ModelConfig:
     name: ModelName = field(default="efficientnet-b0", metadata={"help": "architecture preset"})
-    group_dim: int = field(default=1, metadata={"min": 1, "help": "channels per group of every kxk conv (1 = depthwise, 16 = G16)"})
-    expand_ratio: Optional[int] = field(default=None, metadata={"min": 1, "help": "expansion of stages 2-7 (G16 recipe: 4); null keeps the table's"})
+    group_dim: int = field(default=1, metadata={"min": 1, "help": "channels per group of every MBConv kxk conv (1 = depthwise, 16 = G16); V2's fused convs stay dense"})
+    expand_ratio: Optional[int] = field(default=None, metadata={"min": 1, "help": "expansion of the MBConv stages that expand (V1: 2-7; G16 recipe: 4), not of V2's fused stages; null keeps the table's"})
     norm: Literal["batch", "group", "layer"] = field(default="batch", metadata={"help": "layer = GroupNorm with one group"})
     num_groups: int = field(default=4, metadata={"min": 1, "help": "groups of the group norm"})
     norm_eps: float = field(default=1e-3, metadata={"min": 0.0})
@@ -26,8 +28,12 @@ class ModelConfig:
     depth_mult: Optional[float] = field(default=None, metadata={"min": 0.0, "help": "override the preset's depth coefficient"})
     dropout: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
     survival_prob: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
+    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels: auto = on CUDA tensors when Triton imports, else PyTorch; on = always (error if impossible); off = PyTorch. Quote on/off in YAML: bare on/off parse as booleans"})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":
             raise ValueError("model.proxy_norm: true needs model.norm group or layer, not batch "
                              "(proxy norm replaces batch statistics; it has nothing to do with BatchNorm)")
+        if self.fused_norm == "on" and self.norm == "batch":
+            raise ValueError("model.fused_norm: on needs model.norm group or layer: the fused kernels do not "
+                             "cover BatchNorm (use auto or off)")

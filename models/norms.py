@@ -13,6 +13,7 @@ from typing import Literal, Optional, Tuple
 import torch
 from torch import nn
 
+from .fused_norm import fused_norm_act, fused_scale_norm, use_fused
 from .proxy_norm import ProxyMode, ProxyNormActivation
 
 NormKind = Literal["batch", "group", "layer"]
@@ -27,6 +28,7 @@ class NormSpec:
     eps: float = 1e-3
     proxy_norm: bool = False
     bn_momentum: float = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
+    fused_norm: Literal["auto", "on", "off"] = "auto"  # Triton kernels for group/layer norms: see fused_norm.py
 
     def __post_init__(self) -> None:
         if self.proxy_norm and self.kind == "batch":
@@ -49,13 +51,18 @@ class NormAct(nn.Module):
         super().__init__()
         self.norm = norm_layer(spec, channels, affine=not spec.proxy_norm)
         self.act: nn.Module = ProxyNormActivation(channels, proxy_mode) if spec.proxy_norm else nn.SiLU()
+        self.fused_norm = spec.fused_norm  # chosen per call: the device is only known at forward time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(self.fused_norm, self.norm, x):
+            return fused_norm_act(self.norm, self.act, x)
         return self.act(self.norm(x))
 
     def forward_deferred(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Output and the per-channel scale still to apply (``None`` without proxy norm)."""
         if isinstance(self.act, ProxyNormActivation) and self.act.mode == "deferred_scale":
+            if use_fused(self.fused_norm, self.norm, x):
+                return fused_norm_act(self.norm, self.act, x, deferred=True)
             return self.act.forward_deferred(self.norm(x))
         return self(x), None
 
@@ -71,8 +78,11 @@ class ScaleOnlyNorm(nn.Module):
         super().__init__()
         self.norm = norm_layer(spec, channels, affine=False)
         self.weight = nn.Parameter(torch.ones(channels))
+        self.fused_norm = spec.fused_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(self.fused_norm, self.norm, x):
+            return fused_scale_norm(self.norm, self.weight, x)
         return self.norm(x) * self.weight.to(x.dtype).view(1, -1, 1, 1)
 
 

@@ -74,12 +74,12 @@ def summarize(cfg: ModelConfig, resolution: int) -> Dict:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet-b0", choices=get_args(ModelName))
-    parser.add_argument("--group-dim", type=int, default=1, help="channels per group of the kxk convs (16 = G16)")
-    parser.add_argument("--expand-ratio", type=int, default=None, help="expansion of stages 2-7 (G16 recipe: 4)")
+    parser.add_argument("--group-dim", type=int, default=1, help="channels per group of the MBConv kxk convs (16 = G16)")
+    parser.add_argument("--expand-ratio", type=int, default=None, help="expansion of the expanding MBConv stages (G16 recipe: 4)")
     parser.add_argument("--norm", choices=["batch", "group", "layer"], default="batch")
     parser.add_argument("--num-groups", type=int, default=4)
     parser.add_argument("--proxy-norm", action="store_true")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the preset's native resolution")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the preset's native (evaluation) resolution")
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
     from train.config import ConfigError, check_section  # the config checker gives the same messages as YAML

@@ -27,6 +27,11 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.name == "child"
 
 
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, "sci.yml", "optimizer:\n  weight_decay: 1e-5\n"), ["optimizer.lr=2e-3"])
+    assert cfg.optimizer.weight_decay == 1e-5 and cfg.optimizer.lr == 2e-3
+
+
 def test_round_trip_through_plain_data():
     cfg = load_config(str(ROOT / "configs/models/efficientnet-b0-g16-ln-pn.yml"))
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))

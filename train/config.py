@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,53 +35,125 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------------- sections
 @dataclass
+class ProgressiveConfig:
+    """EfficientNetV2-style progressive learning inside the training phase (paper-notes §5.1)."""
+
+    stages: int = field(default=4, metadata={"min": 2, "help": "equal slices of the epochs"})
+    start_resolution: int = field(default=128, metadata={"min": 8, "help": "first stage; the last uses train.resolution"})
+    mixup_alpha: Tuple[float, float] = field(default=(0.0, 0.0), metadata={"help": "first and last stage"})
+    dropout: Tuple[float, float] = field(default=(0.1, 0.3), metadata={"help": "first and last stage"})
+
+    def validate(self) -> None:
+        if min(self.mixup_alpha) < 0 or not all(0 <= d <= 1 for d in self.dropout):
+            raise ValueError(f"train.progressive: mixup_alpha {list(self.mixup_alpha)} must be >= 0 and dropout "
+                             f"{list(self.dropout)} within [0, 1]")
+
+
+@dataclass
 class TrainConfig:
     backend: Literal["torch", "ipu"] = field(default="torch", metadata={"help": "torch (CPU/CUDA) or ipu (PopTorch)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "torch backend device"})
     epochs: int = field(default=10, metadata={"min": 0})
-    max_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "stop phase 1 after this many optimizer steps"})
-    resolution: Union[int, Literal["half"], None] = field(default=None, metadata={"min": 8, "help": "int, half, or null for native"})
-    micro_batch_size: int = field(default=32, metadata={"min": 1})
+    max_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "stop after this many optimizer steps"})
+    resolution: Union[int, Literal["half"], None] = field(
+        default=None, metadata={"min": 8, "help": "training resolution: int, half, or null for the native one"})
+    micro_batch_size: int = field(default=32, metadata={"min": 1, "help": "samples per forward pass"})
     gradient_accumulation: int = field(default=1, metadata={"min": 1})
     seed: int = field(default=0, metadata={"min": 0})
     label_smoothing: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    mixup_alpha: float = field(default=0.0, metadata={"min": 0.0, "help": "Beta(a, a) mixup; 0 = off"})
+    cutmix_lambda: Optional[float] = field(
+        default=None, metadata={"min": 0.0, "max": 1.0, "help": "fixed-lambda CutMix of the paper; null = off"})
+    weight_avg_decay: Optional[float] = field(
+        default=0.97, metadata={"min": 0.0, "max": 1.0, "help": "exponential average of per-epoch weights; null = off"})
+    ema_decay: Optional[float] = field(
+        default=None, metadata={"min": 0.0, "max": 1.0, "help": "per-step EMA of the weights; null = off"})
+    validate_every: int = field(default=1, metadata={"min": 1, "help": "epochs between validations"})
+    val_resolutions: List[int] = field(
+        default_factory=list, metadata={"help": "validation resolutions; empty = the training resolution"})
+    val_batch_size: int = field(default=64, metadata={"min": 1})
+    channels_last: bool = field(default=False, metadata={"help": "torch backend: NHWC memory format"})
+    compile: bool = field(default=False, metadata={"help": "torch backend: torch.compile the model"})
+    progressive: Optional[ProgressiveConfig] = field(
+        default=None, metadata={"help": "ramp resolution and regularisation over stages; null = off"})
+
+    def validate(self) -> None:
+        if self.backend == "ipu" and self.device != "auto":
+            raise ValueError(f"train.device: {self.device!r} applies to the torch backend only; "
+                             "leave it at 'auto' with train.backend: ipu")
 
 
 @dataclass
 class FinetuneConfig:
-    enabled: bool = False
+    """The cheap high-resolution phase after reduced-resolution training (paper-notes §4, README §5)."""
+
+    enabled: bool = field(default=False, metadata={"help": "run the fine-tune phase after training"})
+    resolution: Optional[int] = field(default=None, metadata={"min": 8, "help": "null = the model's native size"})
+    epochs: int = field(default=2, metadata={"min": 0})
+    max_steps: Optional[int] = field(default=None, metadata={"min": 1})
+    optimizer: Literal["sgd", "rmsprop_tf", "adamw"] = "sgd"
+    momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    lr: float = field(default=0.25, metadata={"min": 0.0, "help": "at reference_batch; scaled by global batch"})
+    reference_batch: int = field(default=512, metadata={"min": 1})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
+    warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})
+    first_trainable: str = field(default="head", metadata={"help": "split point; every layer before it is frozen"})
+    preprocessing: Literal["eval", "train"] = field(
+        default="eval", metadata={"help": "eval: resize + centre crop, no random crop or flip (the paper's)"})
+    strict_resolution: bool = field(
+        default=False, metadata={"help": "error (not warn) unless train % 32 == fine-tune resolution % 32"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
+    gradient_accumulation: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
 
 
 @dataclass
 class OptimizerConfig:
     name: Literal["rmsprop_tf", "sgd", "adamw"] = "rmsprop_tf"
     lr: float = field(default=0.046875, metadata={"min": 0.0, "help": "at reference_batch; scaled by global batch"})
-    reference_batch: int = field(default=768, metadata={"min": 1})
+    reference_batch: int = field(default=768, metadata={"min": 1, "help": "lr = lr * global batch / reference_batch"})
     weight_decay: float = field(default=1e-5, metadata={"min": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    rmsprop_decay: Optional[float] = field(
+        default=None, metadata={"min": 0.0, "max": 1.0, "help": "null = the paper's 1 - 2^-14 * global batch"})
+    eps: float = field(default=1e-3, metadata={"min": 0.0})
+    nesterov: bool = False
+    betas: Tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "adamw"})
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["exponential", "cosine", "constant"] = "exponential"
     warmup_epochs: float = field(default=5.0, metadata={"min": 0.0})
+    decay_rate: float = field(default=0.97, metadata={"min": 0.0, "max": 1.0, "help": "exponential: factor per decay"})
+    decay_epochs: float = field(default=2.4, metadata={"min": 0.0, "help": "exponential: epochs between decays"})
 
 
 @dataclass
 class PrecisionConfig:
     compute: Literal["fp32", "bf16", "fp16", "16.16", "16.32"] = field(
         default="fp32", metadata={"help": "torch: fp32/bf16/fp16 autocast; ipu: 16.16 or 16.32 (compute.weights)"})
+    loss_scale: float = field(default=128.0, metadata={"min": 1.0, "help": "fp16: initial (torch) or static (IPU) scale"})
 
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    wandb: Literal["auto", "online", "offline", "disabled"] = field(default="auto", metadata={
+        "help": "auto: $WANDB_MODE if set, else online with an API key ($WANDB_API_KEY or ~/.netrc), else offline "
+                "(local files under <run folder>/wandb/, upload later with `wandb sync`)"})
     project: str = "efficientnet-ipu"
+    entity: Optional[str] = field(default=None, metadata={"help": "W&B user or team; null = the API key's default"})
+    name: Optional[str] = field(default=None, metadata={"help": "W&B run name; null = the run folder's name"})
+    tags: List[str] = field(default_factory=list, metadata={"help": "W&B run tags"})
     run_dir: str = field(default="runs", metadata={"help": "run folders go in <run_dir>/<config>-<time>/"})
+    log_every: int = field(default=50, metadata={"min": 1, "help": "optimizer steps between metric lines"})
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = field(default=1, metadata={"min": 1})
+    every_epochs: int = field(default=1, metadata={"min": 1, "help": "save at the end of every N epochs"})
+    every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also save every N optimizer steps"})
+    keep: int = field(default=2, metadata={"min": 1, "help": "newest step checkpoints kept (phase ends are kept)"})
 
 
 @dataclass
@@ -222,6 +295,25 @@ def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; recipes are full of such numbers, so read them as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
@@ -237,7 +329,7 @@ def read_recipe(path: Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -255,7 +347,7 @@ def apply_override(raw: Dict[str, Any], override: str) -> Dict[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
     nested: Any = value
@@ -264,8 +356,10 @@ def apply_override(raw: Dict[str, Any], override: str) -> Dict[str, Any]:
     return _deep_merge(raw, nested)
 
 
-def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
-    raw: Dict[str, Any] = read_recipe(Path(path)) if path else {}
+def load_config(path: Optional[str], overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None) -> Config:
+    """The recipe at ``path`` (or the plain-data config ``base``, e.g. a checkpoint's, or the defaults), then
+    the ``--set`` overrides."""
+    raw: Dict[str, Any] = read_recipe(Path(path)) if path else dict(base or {})
     if path and "name" not in raw:
         raw["name"] = Path(path).stem
     for override in overrides:

@@ -1,0 +1,74 @@
+"""Shared pytest helpers and fixtures.
+
+Shared data
+-----------
+Some tests need the CIFAR-10 JPEG tarball that lives *outside* the repository, in
+the ``shared/`` folder next to the clone::
+
+    <parent>/main/                          <- this repository
+    <parent>/shared/datasets/cifar10-jpg.tar.gz
+
+Use the ``shared_cifar_tarball`` fixture (or call :func:`find_shared_cifar_tarball`)
+to get its path. If it is missing the test is *skipped*, unless the environment
+variable ``EFFNET_REQUIRE_SHARED=1`` is set (``.ci/run`` sets it), in which case the
+test *fails*: on CI a missing data set must never pass silently as a skip.
+
+``EFFNET_SHARED_DIR`` overrides the location of the ``shared/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Environment variable overriding the ``shared/`` folder (default: ``<repo>/../shared``).
+SHARED_DIR_ENV = "EFFNET_SHARED_DIR"
+#: Environment variable that turns "shared data missing" skips into failures.
+REQUIRE_SHARED_ENV = "EFFNET_REQUIRE_SHARED"
+#: Location of the CIFAR-10 JPEG tarball, relative to the ``shared/`` folder.
+CIFAR_TARBALL_RELPATH = Path("datasets") / "cifar10-jpg.tar.gz"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def shared_dir() -> Path:
+    """The ``shared/`` folder: ``$EFFNET_SHARED_DIR`` or ``<repo>/../shared``."""
+    override = os.environ.get(SHARED_DIR_ENV, "").strip()
+    if override:
+        return Path(override).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared").resolve()
+
+
+def require_shared() -> bool:
+    """True when missing shared data must fail the test instead of skipping it."""
+    return os.environ.get(REQUIRE_SHARED_ENV, "").strip().lower() in _TRUE
+
+
+def skip_or_fail(reason: str) -> None:
+    """``pytest.skip(reason)``, or ``pytest.fail`` when ``EFFNET_REQUIRE_SHARED=1``.
+
+    Never returns. Use it for any test precondition on shared data.
+    """
+    if require_shared():
+        pytest.fail(f"{reason} [{REQUIRE_SHARED_ENV}=1 makes this a failure, not a skip]",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def find_shared_cifar_tarball() -> Path:
+    """Path of ``shared/datasets/cifar10-jpg.tar.gz``; skips (or fails) if it is missing."""
+    path = shared_dir() / CIFAR_TARBALL_RELPATH
+    if not path.is_file():
+        skip_or_fail(f"shared data set missing: {path} "
+                     f"(set {SHARED_DIR_ENV} to the folder holding datasets/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_tarball() -> Path:
+    """Path of the shared CIFAR-10 JPEG tarball (see :func:`find_shared_cifar_tarball`)."""
+    return find_shared_cifar_tarball()

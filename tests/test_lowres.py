@@ -1,0 +1,203 @@
+"""Reduced-resolution training, the fine-tune phase, the resolution sweep and progressive learning."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import build_dataset, build_transform
+from data.base import SampleKey
+from models import ModelConfig, build_model
+from train.checkpoint import load_checkpoint
+from train.cli import main as train_main
+from train.config import ConfigError, load_config
+from train.finetune import freeze_before, main as finetune_main
+from train.phases import finetune_phase, half_resolution, run_phases, training_phase
+from train.validate import main as validate_main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+
+TINY = [
+    "model.group_dim=16", "model.expand_ratio=4", "model.norm=layer", "model.proxy_norm=true",
+    "model.num_classes=10", "model.width_mult=0.25", "model.depth_mult=0.25", "data.workers=0",
+    "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500", "train.micro_batch_size=32",
+    "train.val_batch_size=250", "optimizer.lr=0.1", "optimizer.reference_batch=256", "schedule.name=cosine",
+    "schedule.warmup_epochs=0.1", "logging.wandb=disabled", "logging.log_every=8", "train.seed=3",
+]
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.parametrize("b, size", [(0, 160), (1, 176), (2, 196), (3, 204), (4, 252), (5, 328), (6, 368), (7, 408)])
+def test_half_resolution_table_and_rule(b, size):
+    name = f"efficientnet-b{b}"
+    assert half_resolution(name) == size
+    cfg = load_config(None, [f"model.name={name}", "train.resolution=half"])
+    assert training_phase(cfg).resolution == size
+    native = finetune_phase(cfg).resolution
+    assert size % 32 == native % 32  # every half size keeps the native remainder
+
+
+def test_modulo_32_rule_warns_and_errors_when_strict():
+    cfg = load_config(None, ["train.resolution=192", "finetune.enabled=true", "finetune.resolution=224"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_phases(cfg)  # 192 % 32 == 224 % 32: no warning
+    cfg = load_config(None, ["train.resolution=176", "finetune.enabled=true", "finetune.resolution=224"])
+    with pytest.warns(UserWarning, match="differ modulo 32 .16 vs 0.*stride-2"):
+        run_phases(cfg)
+    strict = load_config(None, ["train.resolution=176", "finetune.enabled=true", "finetune.strict_resolution=true"])
+    with pytest.raises(ConfigError, match="finetune.strict_resolution"):
+        run_phases(strict)
+
+
+def test_unknown_first_trainable_lists_valid_names():
+    model = build_model(ModelConfig())
+    with pytest.raises(ConfigError) as err:
+        freeze_before(model, "blocks.9.0")
+    assert "'blocks.9.0' is not a split point" in str(err.value)
+    assert "blocks.5.3" in str(err.value) and "head" in str(err.value)
+
+
+def test_finetune_phase_defaults_follow_the_paper():
+    cfg = load_config(None, ["model.name=efficientnet-b0", "train.resolution=half", "finetune.enabled=true",
+                             "train.mixup_alpha=0.1", "train.cutmix_lambda=0.9"])
+    train, tune = run_phases(cfg)
+    assert (train.resolution, tune.resolution) == (160, 224)
+    assert tune.optimizer.name == "sgd" and tune.optimizer.momentum == 0 and tune.optimizer.lr == 0.25
+    assert tune.optimizer.reference_batch == 512 and tune.schedule.name == "cosine"
+    assert tune.schedule.warmup_epochs == 0 and tune.epochs == 2 and tune.preprocessing == "eval"
+    assert tune.stages[0].mixup_alpha == 0 and tune.cutmix_lambda is None  # mixing off
+    assert train.stages[0].mixup_alpha == 0.1 and train.cutmix_lambda == 0.9
+
+
+@needs_fashion
+def test_finetune_batches_use_eval_preprocessing_without_randomness():
+    cfg = load_config(None, TINY + ["finetune.enabled=true", "finetune.resolution=64"])
+    tune = finetune_phase(cfg)
+    dataset = build_dataset(cfg.data, "train", build_transform(tune.preprocessing, tune.resolution, cfg.data))
+    for index in (0, 17, 401):
+        first, _ = dataset[SampleKey(index, seed=3, epoch=0)]
+        second, _ = dataset[SampleKey(index, seed=3, epoch=1)]
+        assert first.shape == (3, 64, 64) and torch.equal(first, second)
+    augmented = build_dataset(cfg.data, "train", build_transform("train", 64, cfg.data))
+    assert not torch.equal(augmented[SampleKey(0, 3, 0)][0], augmented[SampleKey(0, 3, 1)][0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One low-resolution (32 px) training run on real Fashion-MNIST, shared by the tests below."""
+    if not FASHION.exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    root = tmp_path_factory.mktemp("lowres")
+    assert train_main(sets(TINY + ["train.resolution=32", "train.epochs=2", f"logging.run_dir={root / 'runs'}"])) == 0
+    (run_dir,) = (root / "runs").iterdir()
+    return root, run_dir / "checkpoints" / "train-final.pt"
+
+
+def test_freezing_keeps_earlier_layers_bit_identical(trained):
+    root, checkpoint = trained
+    start = load_checkpoint(checkpoint)["averages"]["epoch"]
+    args = ["--checkpoint", str(checkpoint)] + sets([
+        "finetune.resolution=64", "finetune.first_trainable=blocks.5.0", "finetune.max_steps=3",
+        f"logging.run_dir={root / 'freeze'}"])
+    assert finetune_main(args) == 0
+    (run_dir,) = (root / "freeze").iterdir()
+    after = load_checkpoint(run_dir / "checkpoints" / "finetune-final.pt")["model"]
+    frozen = [k for k in start if k.startswith(("stem.", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.",
+                                                 "blocks.4."))]
+    trainable = [k for k in start if k.startswith(("blocks.5.", "blocks.6.", "head.", "classifier."))]
+    assert frozen and trainable
+    for key in frozen:
+        assert torch.equal(start[key], after[key]), key
+    assert all(not torch.equal(start[k], after[k]) for k in trainable if k.endswith("weight"))
+
+
+def test_no_gradient_reaches_frozen_parameters(trained):
+    _, checkpoint = trained
+    cfg = load_config(None, [], base=load_checkpoint(checkpoint)["config"])
+    model = build_model(cfg.model)
+    frozen = freeze_before(model, "head")
+    from train.task import ClassificationTask
+
+    task = ClassificationTask(model, 10, frozen=frozen).train()
+    assert not any(m.training for m in frozen) and model.head.training
+    loss, _, _ = task(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        before_head = not name.startswith(("head.", "classifier."))
+        assert (p.grad is None) == before_head, name
+
+
+def test_finetune_at_native_resolution_beats_no_finetune_and_sweep_plots(trained, capsys):
+    root, checkpoint = trained
+    args = ["--checkpoint", str(checkpoint)] + sets([
+        "finetune.resolution=64", "finetune.epochs=1", "finetune.first_trainable=blocks.5.0",
+        f"logging.run_dir={root / 'tune'}"])
+    assert finetune_main(args) == 0
+    (run_dir,) = (root / "tune").iterdir()
+    tuned = run_dir / "checkpoints" / "finetune-final.pt"
+    capsys.readouterr()
+    plot = root / "sweep.png"
+    assert validate_main(["--checkpoint", str(checkpoint), "--checkpoint", str(tuned), "--resolutions", "32,48,64",
+                          "--plot", str(plot), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{\"checkpoint")]
+    assert len(rows) == 6
+    at = {(r["phase"], r["resolution"]): r["top1"] for r in rows}
+    assert at[("finetune", 64)] >= at[("train", 64)]
+    assert at[("train", 32)] > 0.4  # it learned at its training resolution (chance: 0.1)
+    assert plot.stat().st_size > 5000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_inside_the_finetune_phase(trained):
+    root, checkpoint = trained
+    common = ["finetune.resolution=48", "finetune.epochs=2", "finetune.first_trainable=blocks.4.0",
+              "checkpoint.every_steps=20", "checkpoint.keep=10"]
+    assert finetune_main(["--checkpoint", str(checkpoint)] + sets(common + [f"logging.run_dir={root / 'ra'}"])) == 0
+    (first,) = (root / "ra").iterdir()
+    middle = first / "checkpoints" / "finetune-step00000080.pt"  # 64 steps per epoch: mid-epoch 2
+    state = load_checkpoint(middle)
+    assert state["position"]["epoch"] == 1 and state["phases"] == ["finetune"]
+    copy = root / "rb" / "resumed" / "checkpoints"
+    copy.mkdir(parents=True)
+    (copy / middle.name).write_bytes(middle.read_bytes())
+    assert train_main(["--resume", str(copy / middle.name)]) == 0
+    a = load_checkpoint(first / "checkpoints" / "finetune-final.pt")["model"]
+    b = load_checkpoint(copy / "finetune-final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progressive_stages_ramp_resolution_and_regularisation():
+    cfg = load_config(None, ["model.name=efficientnet-b0", "train.epochs=8", "train.resolution=224",
+                             "train.progressive={stages: 4, start_resolution: 128, mixup_alpha: [0, 0.3],"
+                             " dropout: [0.1, 0.4]}"])
+    stages = training_phase(cfg).stages
+    assert [s.first_epoch for s in stages] == [0, 2, 4, 6]
+    assert [s.resolution for s in stages] == [128, 160, 192, 224]
+    assert [round(s.mixup_alpha, 3) for s in stages] == [0.0, 0.1, 0.2, 0.3]
+    assert [round(s.dropout, 3) for s in stages] == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ConfigError, match="need at least as many epochs"):
+        training_phase(load_config(None, ["train.epochs=2", "train.progressive={stages: 4}"]))
+
+
+@needs_fashion
+def test_progressive_run_changes_resolution_and_reports_cost(tmp_path, capsys):
+    args = sets(TINY + ["data.train_subset=256", "data.val_subset=100", "train.epochs=2", "train.resolution=32",
+                        "train.progressive={stages: 2, start_resolution: 16, dropout: [0.0, 0.3]}",
+                        "logging.log_every=1", f"logging.run_dir={tmp_path}"])
+    assert train_main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_epoch = {(line["epoch"], line["resolution"]) for line in lines if "train/loss" in line}
+    assert by_epoch == {(0, 16), (1, 32)}
+    cost = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{\"cost")][0]
+    macs = build_model(load_config(None, TINY).model)
+    from models.summary import count_macs
+
+    expected = 256 * count_macs(macs, 16) + 256 * count_macs(macs, 32)
+    assert cost["images"] == 512 and cost["forward_macs"] == expected and cost["seconds"] > 0

@@ -1,0 +1,108 @@
+"""The interface between the training loop and an execution engine (torch on CPU/CUDA, or PopTorch on IPUs).
+
+The loop owns epochs, the learning-rate schedule, mixing parameters, weight averages, validation, checkpoints
+and logging; a backend owns devices, precision, distribution and how one host call turns into optimizer steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from data import ImageDataset
+
+
+@dataclass
+class StepStats:
+    """What one train call did: mean loss, top-1 hits (against unmixed labels), samples and optimizer steps."""
+
+    loss: float
+    top1: float
+    samples: int
+    steps: int
+
+
+@dataclass
+class EvalStats:
+    loss_sum: float
+    top1: float
+    top5: float
+    samples: int
+
+
+class Backend(ABC):
+    """One training phase on one engine. ``model`` is the host model the loop checkpoints and averages."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """The host copy of the network, with current weights (synchronised from the device if needed)."""
+
+    @property
+    @abstractmethod
+    def global_batch(self) -> int:
+        """Samples per optimizer step over the whole job: micro x accumulation x replicas."""
+
+    @property
+    @abstractmethod
+    def micro_batches_per_call(self) -> int:
+        """Micro-batches in one host call (mixing parameters are drawn per micro-batch)."""
+
+    @property
+    @abstractmethod
+    def steps_per_call(self) -> int:
+        """Optimizer steps one train call performs (device iterations on IPUs, 1 on torch)."""
+
+    @abstractmethod
+    def train_loader(self, dataset: ImageDataset, *, seed: int, epoch: int, start_call: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of one epoch, each one host call, starting at call ``start_call``."""
+
+    @abstractmethod
+    def calls_per_epoch(self, dataset: ImageDataset) -> int:
+        ...
+
+    @abstractmethod
+    def eval_loader(self, dataset: ImageDataset) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+        ...
+
+    @abstractmethod
+    def train_call(self, images: torch.Tensor, labels: torch.Tensor, mix: Optional[torch.Tensor]) -> StepStats:
+        ...
+
+    @abstractmethod
+    def eval_call(self, images: torch.Tensor, labels: torch.Tensor) -> EvalStats:
+        """Evaluate a batch with the current host weights (the loop swaps averaged weights in and out)."""
+
+    @abstractmethod
+    def set_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        """Replace the network's weights on the host and the device (to evaluate averaged weights)."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        ...
+
+    @abstractmethod
+    def state_dict(self) -> Dict[str, Any]:
+        """Optimizer (and loss-scaler) state for checkpoints."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        ...
+
+    @abstractmethod
+    def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a small host tensor over all processes (metrics)."""
+
+    def close(self) -> None:
+        """Release devices and workers."""

@@ -1,0 +1,418 @@
+"""IPU backend: PopTorch training and inference models, pipelined and replicated, over poprun pods.
+
+What one phase does (see ``docs/ipu.md`` for the launch side):
+
+- The config is resolved and validated by :func:`ipu_options.plan.resolve_phase` before anything compiles.
+- The backend works on its own copy of the task (:func:`copy.deepcopy`): precision changes (half weights for
+  16.16, half compute for 16.32), ``poptorch.BeginBlock`` pipeline annotations, recomputation checkpoints and
+  PopTorch's wrapping stay off the trainer's host model, which keeps fp32 weights that checkpoints, weight
+  averages and CPU/GPU runs can use. :attr:`IPUBackend.model` copies the device weights into it on demand.
+- Training: ``poptorch.trainingModel`` with the loss computed in ``forward`` and marked by
+  ``poptorch.identity_loss(loss, reduction="none")`` (the task already reduces it to the micro-batch mean, so
+  no further reduction; accumulation and replicas are averaged by ``accumulationAndReplicationReductionType
+  (Mean)``, which makes one optimizer step equal the torch backend's mean over the global batch).
+- Validation: a separate ``poptorch.inferenceModel`` per resolution with its own options (accumulation 1, every
+  output); the training model is detached while it runs. It returns per-sample loss and hits, so the padding
+  of the last host batch (``labels == -1``) is dropped on the host and every sample counts exactly once.
+- Data: ``poptorch.DataLoader`` (``AsyncRebatched`` by default) over this instance's shard of the seeded,
+  resumable order of :mod:`data.loader`; one host call is micro x device iterations x accumulation x local
+  replicas samples and performs ``device_iterations`` optimizer steps.
+- Pods: under ``poprun`` (``popdist.isPopdistEnvSet()``), options come from ``popdist.poptorch.Options``, the
+  seed and initial weights are broadcast from instance 0 with Horovod, metrics are summed with Horovod, and
+  ``rank``/``world_size`` are the instance index/count (the trainer logs and checkpoints on instance 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import importlib
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from data import ImageDataset, ShardedBatchSampler
+from data.base import SampleKey
+from data.loader import seed_worker
+from ipu_options import distributed
+from ipu_options.apply import build_options
+from ipu_options.pipeline import annotate_pipeline, prepare_precision
+from ipu_options.plan import IpuPhasePlan, resolve_phase
+
+from ..task import ClassificationTask
+from .base import Backend, EvalStats, StepStats
+from .torch_backend import BackendError
+
+DATALOADER_MODES = {"sync": "Sync", "async": "Async", "async_rebatched": "AsyncRebatched"}
+
+
+def import_poptorch():
+    """The ``poptorch`` module, or a :class:`BackendError` that says how to get it."""
+    try:
+        return importlib.import_module("poptorch")
+    except (ImportError, AssertionError) as err:  # AssertionError: poptorch built for another torch version
+        raise BackendError(
+            "train.backend: 'ipu' needs PopTorch, which ships only with the Poplar SDK (not on PyPI): enable the "
+            "SDK and pip install its poptorch wheel (see docs/ipu.md); import failed with: "
+            f"{type(err).__name__}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------- data views
+class _KeyedView(Dataset):
+    """Samples ``indices`` of ``dataset`` in order, keyed by (seed, epoch) for reproducible augmentation."""
+
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray, seed: int, epoch: int):
+        self.dataset, self.indices, self.seed, self.epoch = dataset, indices, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[SampleKey(int(self.indices[i]), self.seed, self.epoch)]
+
+
+class _PaddedView(Dataset):
+    """``indices`` of ``dataset`` then copies of the first one with label -1 up to ``length`` (masked later)."""
+
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray, length: int):
+        self.dataset, self.indices, self.length = dataset, indices, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if i < len(self.indices):
+            return self.dataset[int(self.indices[i])]
+        image, _ = self.dataset[int(self.indices[0])]
+        return image, -1
+
+
+# ------------------------------------------------------------------------------------------ model wrappers
+class PerSampleEval(nn.Module):
+    """Inference forward: per-sample loss (label-smoothed, as in training) and top-1/top-5 hits."""
+
+    def __init__(self, task: ClassificationTask):
+        super().__init__()
+        self.task = task
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.task
+        logits = t.model(t.normalize(images)).float()
+        smooth = t.label_smoothing
+        targets = F.one_hot(labels, t.num_classes).float() * (1 - smooth) + smooth / t.num_classes
+        loss = -(targets * F.log_softmax(logits, dim=1)).sum(1)
+        top5 = logits.topk(min(5, t.num_classes), dim=1).indices
+        hits = top5 == labels[:, None]
+        return loss, hits[:, 0].float(), hits.any(1).float()
+
+
+def _identity_loss(poptorch, loss: torch.Tensor) -> torch.Tensor:
+    # The task returns the micro-batch mean already: "none" marks it as the loss without reducing it again.
+    return poptorch.identity_loss(loss, reduction="none")
+
+
+class IPUBackend(Backend):
+    def __init__(self, cfg: Any, phase: Any, task: ClassificationTask, make_optimizer, *, offline: bool = False):
+        self.poptorch = import_poptorch()
+        self.cfg, self.phase, self.offline = cfg, phase, offline
+        plan = resolve_phase(cfg, phase)
+        self.popdist = distributed.popdist_module()
+        if self.popdist is not None:
+            plan = self._check_launch(plan)
+            self.rank = int(self.popdist.getInstanceIndex())
+            self.world_size = int(self.popdist.getNumInstances())
+            plan = dataclasses.replace(plan, seed=distributed.broadcast_int(plan.seed))
+            distributed.broadcast_weights(task.model)
+        self.plan: IpuPhasePlan = plan
+        self.host_task = task
+        self.host_model = task.model
+        self.data = cfg.data
+
+        # The IPU copy: precision, pipeline and PopTorch's wrapping happen here, not on the host model.
+        self.ipu_task: ClassificationTask = copy.deepcopy(task)
+        self.ipu_task.mark_loss = functools.partial(_identity_loss, self.poptorch)
+        self.ipu_task.channels_last = False
+        self.ipu_task.dtype = prepare_precision(self.ipu_task.model, plan.precision, plan.settings.norm_precision)
+        self.checkpointed = annotate_pipeline(self.ipu_task.model, plan.stages, self.poptorch)
+
+        self.train_opts = build_options(self.poptorch, plan, training=True, popdist=self.popdist, offline=offline)
+        self.eval_opts = build_options(self.poptorch, plan, training=False, popdist=self.popdist, offline=offline)
+        half = plan.precision != "fp32"
+        self.loss_scale: Optional[float] = float(cfg.precision.loss_scale) if half else None
+        self.optimizer = self._ipu_optimizer(make_optimizer(self.global_batch))
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.ipu_task.train()
+        self.training_model = self.poptorch.trainingModel(self.ipu_task, options=self.train_opts,
+                                                          optimizer=self.optimizer)
+        self.eval_models: Dict[int, Any] = {}
+        self._loaders: List[Any] = []
+        self._device_version = 0  # bumped by every train call: the device weights are newer than the host's
+        self._host_version = 0
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _check_launch(self, plan: IpuPhasePlan) -> IpuPhasePlan:
+        """poprun decides replicas, instances and IPUs per replica; they must match the recipe."""
+        pd = self.popdist
+        total, instances = int(pd.getNumTotalReplicas()), int(pd.getNumInstances())
+        per_replica = int(pd.getNumIpusPerReplica())
+        hint = (f"; replicas and IPUs per replica are fixed by the poprun launch, so a fine-tune phase with its own "
+                f"geometry runs as its own launch: poprun ... --num-replicas {plan.replicas} --ipus-per-replica "
+                f"{plan.ipus_per_replica} python -m train.finetune --checkpoint <run>/checkpoints/train-final.pt"
+                if self.phase.name == "finetune" else "")
+        if total != plan.replicas:
+            raise BackendError(f"{plan.prefix}.replicas: phase {self.phase.name!r} asks for {plan.replicas} replicas "
+                               f"but poprun launched {total} (--num-replicas); the global batch and learning rate "
+                               f"depend on it, so launch with --num-replicas {plan.replicas} or change the "
+                               f"recipe{hint}")
+        if per_replica != plan.ipus_per_replica:
+            raise BackendError(f"{plan.prefix}.pipeline: phase {self.phase.name!r} pipelines over "
+                               f"{plan.ipus_per_replica} IPUs per replica but poprun was given --ipus-per-replica "
+                               f"{per_replica}{hint}")
+        if int(pd.getNumLocalReplicas()) * instances != total:
+            raise BackendError(f"poprun split {total} replicas unevenly over {instances} instances")
+        if instances != plan.instances:
+            warnings.warn(f"ipu.instances is {plan.instances} but poprun launched {instances} instances; using "
+                          f"poprun's ({total // instances} replicas per instance)", stacklevel=3)
+            plan = dataclasses.replace(plan, instances=instances)
+        return plan
+
+    def _ipu_optimizer(self, torch_opt: torch.optim.Optimizer):
+        """The PopTorch optimizer equivalent to the trainer's, over the IPU copy's parameters."""
+        optim = self.poptorch.optim
+        names = {id(p): n for n, p in self.host_task.named_parameters()}
+        ipu_params = dict(self.ipu_task.named_parameters())
+        groups = [{"params": [ipu_params[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                  for g in torch_opt.param_groups]
+        g0 = torch_opt.param_groups[0]
+        settings = self.plan.settings
+        accum = torch.float16 if settings.accum_type == "half" else torch.float32
+        extras: Dict[str, Any] = {}
+        if self.loss_scale is not None:
+            extras["loss_scaling"] = self.loss_scale  # static; PopTorch unscales before the update
+        name = self.phase.optimizer.name
+        if name == "rmsprop_tf":
+            return optim.RMSprop(groups, lr=g0["lr"], alpha=g0["alpha"], eps=g0["eps"], momentum=g0["momentum"],
+                                 weight_decay=0.0, use_tf_variant=True, accum_type=accum,
+                                 first_order_momentum_accum_type=accum, second_order_momentum_accum_type=accum,
+                                 **extras)
+        if name == "sgd":
+            if g0.get("nesterov"):
+                extras["nesterov"] = True
+            return optim.SGD(groups, lr=g0["lr"], momentum=g0["momentum"], weight_decay=0.0, accum_type=accum,
+                             velocity_accum_type=accum, **extras)
+        if name == "adamw":
+            return optim.AdamW(groups, lr=g0["lr"], betas=tuple(g0["betas"]), eps=g0["eps"], weight_decay=0.0,
+                               accum_type=accum, first_order_momentum_accum_type=accum,
+                               second_order_momentum_accum_type=accum, **extras)
+        raise BackendError(f"optimizer.name: {name!r} has no PopTorch equivalent here (rmsprop_tf, sgd, adamw)")
+
+    # ----------------------------------------------------------------------------------------- geometry
+    @property
+    def model(self) -> nn.Module:
+        """The host network with the device's current weights (copied back only when they changed)."""
+        if self._host_version != self._device_version:
+            if self.training_model.isCompiled():
+                self.training_model.copyWeightsToHostIfNeeded()  # a no-op after a detach, which syncs
+            self.host_model.load_state_dict(_plain(self.ipu_task.model.state_dict()))
+            self._host_version = self._device_version
+        return self.host_model
+
+    @property
+    def global_batch(self) -> int:
+        return self.plan.global_batch
+
+    @property
+    def micro_batches_per_call(self) -> int:
+        return self.plan.micro_batches_per_call
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.plan.device_iterations
+
+    def calls_per_epoch(self, dataset: ImageDataset) -> int:
+        return len(dataset) // (self.plan.samples_per_call * self.world_size)
+
+    # -------------------------------------------------------------------------------------------- data
+    def _dataloader(self, options: Any, view: Dataset, micro: int, seed: int) -> Any:
+        poptorch = self.poptorch
+        settings = self.plan.settings
+        mode = getattr(poptorch.DataLoaderMode, DATALOADER_MODES[settings.dataloader_mode])
+        extra: Dict[str, Any] = {}
+        if settings.dataloader_mode == "async_rebatched" and settings.rebatched_worker_size is not None:
+            extra["rebatched_worker_size"] = int(settings.rebatched_worker_size)
+        loader = poptorch.DataLoader(options, view, batch_size=int(micro), shuffle=False,
+                                     num_workers=self.data.workers, drop_last=True,
+                                     persistent_workers=False, auto_distributed_partitioning=False, mode=mode,
+                                     worker_init_fn=functools.partial(seed_worker, seed, self.rank), **extra)
+        self._loaders.append(loader)
+        return loader
+
+    def _terminate_loaders(self) -> None:
+        for loader in self._loaders:
+            loader.terminate()
+        self._loaders.clear()
+
+    def train_loader(self, dataset: ImageDataset, *, seed: int, epoch: int, start_call: int) -> Iterable:
+        """This instance's shard of the epoch's order (see :mod:`data.loader`), one host call per batch."""
+        self._terminate_loaders()
+        sampler = ShardedBatchSampler(len(dataset), self.plan.samples_per_call, shuffle=True, seed=seed,
+                                      rank=self.rank, world_size=self.world_size, drop_last=True)
+        if sampler.batches_per_epoch() == 0:
+            raise BackendError(f"{dataset} has fewer samples per instance than one host call "
+                               f"({self.plan.samples_per_call} = micro x device iterations x accumulation x "
+                               "local replicas); use a smaller geometry or more data")
+        sampler.set_epoch(epoch, start_call)
+        indices = np.fromiter((key.index for batch in sampler for key in batch), dtype=np.int64)
+        return self._dataloader(self.train_opts, _KeyedView(dataset, indices, seed, epoch),
+                                self.plan.micro_batch_size, seed)
+
+    def eval_loader(self, dataset: ImageDataset) -> Iterable:
+        """Every validation sample once over all instances; the last batch is padded with label -1."""
+        per_call = self.plan.eval_samples_per_call
+        indices = np.arange(len(dataset), dtype=np.int64)[self.rank::self.world_size]
+        if len(indices) == 0:
+            return []
+        length = -(-len(indices) // per_call) * per_call
+        return self._dataloader(self.eval_opts, _PaddedView(dataset, indices, length),
+                                self.plan.eval_micro_batch_size, self.cfg.train.seed)
+
+    # ------------------------------------------------------------------------------------------- calls
+    def _use(self, executor: Any) -> None:
+        """Attach ``executor`` (compiled ones only; a first call attaches by itself), detach the others."""
+        for other in [self.training_model, *self.eval_models.values()]:
+            if other is not executor and other.isCompiled() and other.isAttachedToDevice():
+                other.detachFromDevice()
+        if executor.isCompiled() and not executor.isAttachedToDevice():
+            executor.attachToDevice()
+
+    def train_call(self, images: torch.Tensor, labels: torch.Tensor, mix: Optional[torch.Tensor]) -> StepStats:
+        self._use(self.training_model)
+        self.ipu_task.train()
+        args = (images, labels) if mix is None else (images, labels, mix)
+        loss, top1, _ = self.training_model(*args)
+        self._device_version += 1
+        loss_mean, hits = loss.float().mean(), top1.float().sum()
+        if self.world_size > 1:
+            # Every instance reports the job-wide mean loss and its share of the job's hits, so the trainer's
+            # top1 / samples is the job's accuracy.
+            total = distributed.sum_over_instances(torch.stack([loss_mean, hits]).double())
+            loss_mean, hits = total[0] / self.world_size, total[1] / self.world_size
+        return StepStats(loss=float(loss_mean), top1=float(hits), samples=len(labels),
+                         steps=self.plan.device_iterations)
+
+    def _eval_model(self, resolution: int) -> Any:
+        if resolution not in self.eval_models:
+            wrapper = PerSampleEval(self.ipu_task)
+            self.eval_models[resolution] = self.poptorch.inferenceModel(wrapper, options=self.eval_opts)
+        return self.eval_models[resolution]
+
+    @torch.no_grad()
+    def eval_call(self, images: torch.Tensor, labels: torch.Tensor) -> EvalStats:
+        executor = self._eval_model(int(images.shape[-1]))
+        self._use(executor)
+        self.ipu_task.eval()
+        try:
+            loss, top1, top5 = executor(images, labels.clamp(min=0))
+        finally:
+            self.ipu_task.train()
+        valid = (labels >= 0).to(torch.float64)
+        return EvalStats(loss_sum=float((loss.double() * valid).sum()), top1=float((top1.double() * valid).sum()),
+                         top5=float((top5.double() * valid).sum()), samples=int(valid.sum()))
+
+    # ------------------------------------------------------------------------------------ weights, state
+    def set_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        self.model  # bring the host copy up to date first, so nothing newer is lost on the device side
+        self.host_model.load_state_dict(state)
+        self.ipu_task.model.load_state_dict(state)
+        for executor in [self.training_model, *self.eval_models.values()]:
+            if executor.isCompiled() and executor.isAttachedToDevice():
+                executor.copyWeightsToDevice()
+
+    def set_lr(self, lr: float) -> None:
+        """``setOptimizer`` only when the value changes: each call re-sends the optimizer's scalars."""
+        if lr == self._lr:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.training_model.setOptimizer(self.optimizer)
+        self._lr = lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": "ipu", "optimizer": self.optimizer.state_dict(), "lr": self._lr}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("kind") != "ipu":
+            warnings.warn("the checkpoint's optimizer state was written by another backend and PopTorch's format "
+                          "differs; the optimizer starts afresh (the weights are restored)", stacklevel=2)
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.set_lr(state.get("lr", self._lr))
+
+    def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        return distributed.sum_over_instances(values)
+
+    # --------------------------------------------------------------------------------------- lifetime
+    def compile(self) -> None:
+        """Compile the training model and one inference model per validation resolution (no run)."""
+        plan, cfg = self.plan, self.cfg
+        channels = cfg.model.in_channels
+        n = plan.samples_per_call
+        args = [torch.zeros(n, channels, plan.resolution, plan.resolution, dtype=torch.uint8),
+                torch.zeros(n, dtype=torch.int64)]
+        if self.phase.cutmix_lambda is not None or any(s.mixup_alpha > 0 for s in self.phase.stages):
+            args.append(torch.zeros(n, 5))
+        self.training_model.compile(*args)
+        m = plan.eval_samples_per_call
+        for res in self.phase.val_resolutions:
+            executor = self._eval_model(int(res))
+            self.ipu_task.eval()
+            executor.compile(torch.zeros(m, channels, res, res, dtype=torch.uint8), torch.zeros(m, dtype=torch.int64))
+            self.ipu_task.train()
+
+    def close(self) -> None:
+        """Copy the final weights to the host model, stop the loaders and free the IPUs."""
+        try:
+            if not self.offline:
+                self.model  # noqa: B018  (sync)
+        finally:
+            self._terminate_loaders()
+            for executor in [*self.eval_models.values(), self.training_model]:
+                if executor.isCompiled():
+                    executor.destroy()
+            self.eval_models.clear()
+
+
+def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Plain tensors (PopTorch wraps parameter classes) for ``load_state_dict`` into the host model."""
+    return {k: v.detach().as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def compile_only(cfg: Any, log=print) -> List[Dict[str, Any]]:
+    """``python -m ipu_options --compile-only``: compile every phase's models for an offline IPU target."""
+    from models import build_model, param_groups
+    from train.finetune import freeze_before
+    from train.optim import build_optimizer
+    from train.phases import run_phases
+
+    results = []
+    model = build_model(cfg.model)
+    for phase in run_phases(cfg):
+        frozen = freeze_before(model, phase.first_trainable) if phase.first_trainable else []
+        task = ClassificationTask(model, cfg.model.num_classes, cfg.train.label_smoothing, frozen=frozen)
+        groups = param_groups(model, phase.optimizer.weight_decay)
+        backend = IPUBackend(cfg, phase, task, lambda gb: build_optimizer(phase.optimizer, groups, gb), offline=True)
+        try:
+            backend.compile()
+        finally:
+            backend.close()
+        entry = {"phase": phase.name, "resolution": phase.resolution, "compiled": True,
+                 "validation_resolutions": list(phase.val_resolutions)}
+        log(entry)
+        results.append(entry)
+    return results

@@ -1,0 +1,159 @@
+"""Torch backend: CPU or CUDA, autocast precision, channels-last, torch.compile, accumulation and DDP."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data import DataConfig, ImageDataset, build_loader
+
+from ..task import ClassificationTask
+from .base import Backend, EvalStats, StepStats
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BackendError(ValueError):
+    """A setting this backend cannot honour on this machine; names the config key."""
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise BackendError("train.device: 'cuda' was asked for but torch sees no CUDA device; use cpu or auto")
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(setting)
+
+
+class TorchBackend(Backend):
+    def __init__(self, task: ClassificationTask, make_optimizer: Optional[Callable[[int], torch.optim.Optimizer]], *, device: str,
+                 precision: str, loss_scale: float, micro_batch_size: int, gradient_accumulation: int,
+                 data: DataConfig, val_batch_size: int, channels_last: bool = False, compile: bool = False):
+        if precision not in AUTOCAST:
+            raise BackendError(f"precision.compute: {precision!r} is an IPU setting; the torch backend takes "
+                               "fp32, bf16 or fp16")
+        self.device = pick_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise BackendError("precision.compute: fp16 needs CUDA (loss scaling); use bf16 or fp32 on the CPU")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.task = task.to(self.device)
+        if channels_last:
+            self.task.to(memory_format=torch.channels_last)
+        self.micro = micro_batch_size
+        self.accumulation = gradient_accumulation
+        # Evaluation-only users (python -m train.validate) pass no optimizer.
+        self.optimizer = make_optimizer(self.global_batch) if make_optimizer else None
+        self.autocast_dtype = AUTOCAST[precision]
+        self.scaler = torch.cuda.amp.GradScaler(init_scale=loss_scale) if precision == "fp16" else None
+        self.data = data
+        self.val_batch_size = val_batch_size
+        self.runner: nn.Module = self.task
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+        if compile:
+            self.runner = torch.compile(self.runner)
+
+    # ----------------------------------------------------------------------------------------- geometry
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world_size
+
+    @property
+    def micro_batches_per_call(self) -> int:
+        return self.accumulation
+
+    @property
+    def steps_per_call(self) -> int:
+        return 1
+
+    def _loader(self, dataset: ImageDataset, batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
+                start_call: int = 0) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+        return build_loader(dataset, batch, shuffle=train, seed=seed, epoch=epoch, rank=self.rank,
+                            world_size=self.world_size, workers=self.data.workers, drop_last=train,
+                            pin_memory=self.data.pin_memory and self.device.type == "cuda",
+                            persistent_workers=False, start_batch=start_call)
+
+    def train_loader(self, dataset, *, seed, epoch, start_call):
+        # One host call = one optimizer step = micro x accumulation samples of this rank's shard.
+        return self._loader(dataset, self.micro * self.accumulation, train=True, seed=seed, epoch=epoch,
+                            start_call=start_call)
+
+    def calls_per_epoch(self, dataset: ImageDataset) -> int:
+        return len(dataset) // (self.micro * self.accumulation * self.world_size)
+
+    def eval_loader(self, dataset):
+        return self._loader(dataset, self.val_batch_size, train=False)
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def train_call(self, images: torch.Tensor, labels: torch.Tensor, mix: Optional[torch.Tensor]) -> StepStats:
+        self.task.train()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, top1 = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        chunks = zip(images.split(self.micro), labels.split(self.micro),
+                     mix.split(self.micro) if mix is not None else [None] * self.accumulation)
+        for i, (x, y, m) in enumerate(chunks):
+            last = i == self.accumulation - 1
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.runner.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, hits, _ = self.runner(x, y, m)
+                scaled = loss / self.accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+            top1 += hits.detach()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return StepStats(loss=loss_sum.item() / self.accumulation, top1=top1.item(), samples=len(labels), steps=1)
+
+    @torch.no_grad()
+    def eval_call(self, images: torch.Tensor, labels: torch.Tensor) -> EvalStats:
+        self.task.eval()
+        images, labels = images.to(self.device), labels.to(self.device)
+        with self._autocast():
+            loss, top1, top5 = self.task(images, labels)
+        return EvalStats(loss.item() * len(labels), top1.item(), top5.item(), len(labels))
+
+    def set_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        # gloo reduces CPU tensors, NCCL device tensors.
+        t = values.to(self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.cpu()

@@ -1,0 +1,71 @@
+"""The model wrapper every backend runs: uint8 images in, loss and accuracy counts out.
+
+PopTorch needs the loss computed inside ``forward``, and Graphcore feeds 8-bit images to save host-to-device
+bandwidth; doing both here keeps the torch and IPU backends identical.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixing import apply_mix
+
+# ImageNet mean/std in 0..255 units: normalisation happens on the device after the uint8 transfer.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class ClassificationTask(nn.Module):
+    """``forward(images_uint8, labels[, mix]) -> (loss, top1_correct, top5_correct)``.
+
+    ``mark_loss`` wraps the loss (``poptorch.identity_loss`` on IPUs). ``dtype`` is the input dtype the model
+    expects (half for IPU 16.x precision). Accuracy is counted against the unmixed labels. ``frozen`` modules
+    (fine-tuning) stay in eval mode whatever mode the task is put in.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.0,
+                 mark_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 frozen: Sequence[nn.Module] = ()):
+        super().__init__()
+        self.model = model
+        self.frozen = list(frozen)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.mark_loss = mark_loss
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "ClassificationTask":
+        """Frozen layers stay in eval mode: no dropout, stochastic depth or BatchNorm updates there."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) * self.inv_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                mix: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.normalize(images)
+        smooth = self.label_smoothing
+        targets = F.one_hot(labels, self.num_classes).float() * (1 - smooth) + smooth / self.num_classes
+        if mix is not None:
+            x, targets = apply_mix(x, targets, mix.to(x.device))
+        logits = self.model(x).float()
+        loss = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+        if self.mark_loss is not None:
+            loss = self.mark_loss(loss)
+        top5 = logits.topk(min(5, self.num_classes), dim=1).indices
+        hits = top5 == labels[:, None]
+        return loss, hits[:, 0].sum().float(), hits.any(1).sum().float()

@@ -1,0 +1,96 @@
+"""``python -m train.validate``: accuracy of checkpoints across test resolutions (the FixRes analysis).
+
+Training on random-resized crops makes objects look larger than test-time centre crops do, so a network often
+scores best above its training resolution; the sweep shows where, and how fine-tuning moves the curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from data import build_dataset, build_transform
+from models import build_model
+
+from .backends import TorchBackend
+from .checkpoint import load_checkpoint
+from .config import ConfigError, load_config
+from .task import ClassificationTask
+from .trainer import evaluate, start_weights
+
+
+def sweep(checkpoint: Path, resolutions: List[int], overrides: List[str], device: str) -> List[Dict]:
+    state = load_checkpoint(checkpoint)
+    cfg = load_config(None, overrides, base=state["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(start_weights(state))
+    task = ClassificationTask(model, cfg.model.num_classes)
+    backend = TorchBackend(task, None, device=device, precision="fp32", loss_scale=1.0, micro_batch_size=1,
+                           gradient_accumulation=1, data=cfg.data, val_batch_size=cfg.train.val_batch_size)
+    val_set = build_dataset(cfg.data, "val", build_transform("eval", resolutions[0], cfg.data))
+    rows = []
+    for res in resolutions:
+        row = {"checkpoint": str(checkpoint), "phase": state.get("phase_name"), "resolution": res}
+        row.update(evaluate(backend, val_set, res, cfg.data))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def plot(rows: List[Dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = [r for r in rows if r["checkpoint"] == ckpt]
+        label = f"{mine[0]['phase'] or 'checkpoint'}: {Path(ckpt).name}"
+        ax.plot([r["resolution"] for r in mine], [100 * r["top1"] for r in mine], marker="o", label=label)
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def parse_resolutions(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--resolutions: {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 8:
+        raise ConfigError(f"--resolutions: {text!r} needs at least one resolution of 8 px or more")
+    return values
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.validate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="checkpoint to evaluate (its per-epoch average if it has one); repeat to compare, "
+                             "e.g. before and after fine-tuning")
+    parser.add_argument("--resolutions", default="128,160,192,224", help="comma-separated test resolutions")
+    parser.add_argument("--plot", type=Path, help="draw accuracy against resolution into this PNG")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the checkpoint's config (e.g. data.path=...)")
+    args = parser.parse_args(argv)
+    from .cli import run_guarded
+
+    def job() -> None:
+        resolutions = parse_resolutions(args.resolutions)
+        rows = [r for ckpt in args.checkpoint for r in sweep(Path(ckpt), resolutions, args.overrides, args.device)]
+        if args.plot:
+            plot(rows, args.plot)
+            print(json.dumps({"plot": str(args.plot)}))
+
+    return run_guarded(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
