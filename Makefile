@@ -150,9 +150,8 @@ test: venv data ## run the test suite in the reference venv (PYTEST_ARGS)
 test-sdk34: venv-sdk34 data ## run the tests under Python 3.10 + torch 2.0.1, minus needs_new_torch
 	"$(SDK34_PY)" -m pytest -m "not needs_new_torch" $(PYTEST_ARGS)
 
-bench: venv ## run the benchmarks (python -m bench BENCH_ARGS), if bench/ has an entry point
-	@[ -f bench/__main__.py ] || { echo "error: bench/__main__.py does not exist yet" >&2; exit 1; }
-	"$(PY)" -m bench $(BENCH_ARGS)
+bench: venv ## throughput benchmark: python -m bench.throughput $(BENCH_ARGS)
+	"$(PY)" -m bench.throughput $(BENCH_ARGS)
 
 clean: ## remove caches and the .venv link from the clone (venvs in VENV_ROOT are kept)
 	rm -rf .pytest_cache
