@@ -203,7 +203,7 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation_two(tmp_path
 
     def launch(run_dir: Path, nproc: int, accumulation: int):
         settings = common + [f"logging.run_dir={run_dir}", f"train.gradient_accumulation={accumulation}"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "train"] + [a for s in settings for a in ("--set", s)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
