@@ -28,7 +28,7 @@ class ModelConfig:
     depth_mult: Optional[float] = field(default=None, metadata={"min": 0.0, "help": "override the preset's depth coefficient"})
     dropout: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
     survival_prob: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
-    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels: auto = on CUDA tensors when Triton imports, else PyTorch; on = always (error if impossible); off = PyTorch. Quote on/off in YAML: bare on/off parse as booleans"})
+    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels: auto = on CUDA tensors when Triton imports, else PyTorch; on = always (error if impossible); off = PyTorch."})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

@@ -32,6 +32,13 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert cfg.optimizer.weight_decay == 1e-5 and cfg.optimizer.lr == 2e-3
 
 
+def test_only_true_and_false_are_booleans(tmp_path):
+    cfg = load_config(write(tmp_path, "on.yml", "model:\n  fused_norm: on\n  proxy_norm: true\n  norm: layer\n"))
+    assert cfg.model.fused_norm == "on" and cfg.model.proxy_norm is True
+    with pytest.raises(ConfigError, match="model.proxy_norm: 'yes' is not true or false"):
+        load_config(None, ["model.proxy_norm=yes"])
+
+
 def test_round_trip_through_plain_data():
     cfg = load_config(str(ROOT / "configs/models/efficientnet-b0-g16-ln-pn.yml"))
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))

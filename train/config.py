@@ -296,8 +296,19 @@ def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
 
 # ----------------------------------------------------------------------------------------------- loading
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; recipes are full of such numbers, so read them as floats."""
+    """YAML 1.2 scalars: ``1e-5`` (no dot) is a float, and only true/false are booleans.
 
+    PyYAML follows YAML 1.1, where ``1e-5`` is a string and ``on``/``off``/``yes``/``no`` are booleans, which
+    breaks recipes (``lr: 1e-5``, ``fused_norm: on``).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
