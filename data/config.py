@@ -25,6 +25,9 @@ class DataConfig:
     crop_ratio: Tuple[float, float] = field(
         default=(0.75, 1.3333), metadata={"help": "Inception crop: aspect-ratio range"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips in training"})
+    randaugment: Optional[float] = field(
+        default=None, metadata={"min": 0.0, "max": 30.0,
+                                "help": "RandAugment magnitude (2 ops) in training; null = off (the paper uses none)"})
     skip_corrupt: bool = field(
         default=False, metadata={"help": "replace undecodable images by the next sample (with a warning) "
                                          "instead of stopping"})

@@ -4,7 +4,7 @@ device, so the host ships 8-bit images (4x less IO than float32, as in Graphcore
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from PIL import Image
@@ -32,8 +32,10 @@ class Preprocessing:
         return self.pipeline(image)
 
 
-def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: DataConfig) -> Preprocessing:
-    """``train``: Inception crop (+ flip); ``eval``: resize the shorter side to S·256/224, centre crop S."""
+def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: DataConfig,
+                    randaugment: Optional[float] = None) -> Preprocessing:
+    """``train``: Inception crop (+ flip) (+ RandAugment); ``eval``: resize the shorter side to S·256/224, centre
+    crop S. ``randaugment`` overrides ``cfg.randaugment`` (progressive learning ramps it)."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise DataError(f"resolution must be a positive integer, got {resolution!r}")
     bilinear = transforms.InterpolationMode.BILINEAR
@@ -42,6 +44,10 @@ def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: Data
                                               interpolation=bilinear)]
         if cfg.hflip:
             steps.append(transforms.RandomHorizontalFlip())
+        magnitude = cfg.randaugment if randaugment is None else randaugment
+        if magnitude:
+            # Two ops at the given magnitude (of 30 bins), EfficientNetV2's setting.
+            steps.append(transforms.RandAugment(num_ops=2, magnitude=int(round(magnitude)), interpolation=bilinear))
     elif preprocessing == "eval":
         steps = [transforms.Resize(int(resolution * 256 / 224), interpolation=bilinear),
                  transforms.CenterCrop(resolution)]

@@ -439,3 +439,20 @@ def test_config_rejects_inverted_crop_ranges():
         DataConfig(crop_scale=(0.9, 0.1)).validate()
     with pytest.raises(ValueError, match="data.crop_ratio"):
         DataConfig(crop_ratio=(2.0, 1.0)).validate()
+
+
+def test_randaugment_is_a_seeded_train_only_step():
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    cfg = DataConfig(dataset="generated", randaugment=15)
+
+    def run(t):
+        torch.manual_seed(7)
+        return t(image)
+
+    plain = build_transform("train", 32, cfg, randaugment=0)
+    strong = build_transform("train", 32, cfg)
+    assert "RandAugment" in repr(strong.pipeline) and "RandAugment" not in repr(plain.pipeline)
+    assert torch.equal(run(strong), run(strong)) and not torch.equal(run(strong), run(plain))
+    assert "RandAugment" not in repr(build_transform("eval", 32, cfg).pipeline)

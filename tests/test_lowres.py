@@ -181,6 +181,8 @@ def test_progressive_stages_ramp_resolution_and_regularisation():
     assert [s.resolution for s in stages] == [128, 160, 192, 224]
     assert [round(s.mixup_alpha, 3) for s in stages] == [0.0, 0.1, 0.2, 0.3]
     assert [round(s.dropout, 3) for s in stages] == [0.1, 0.2, 0.3, 0.4]
+    ramped = load_config(None, ["train.epochs=4", "train.progressive={stages: 2, randaugment: [5, 15]}"])
+    assert [s.randaugment for s in training_phase(ramped).stages] == [5, 15]
     with pytest.raises(ConfigError, match="need at least as many epochs"):
         training_phase(load_config(None, ["train.epochs=2", "train.progressive={stages: 4}"]))
 

@@ -42,6 +42,8 @@ class ProgressiveConfig:
     start_resolution: int = field(default=128, metadata={"min": 8, "help": "first stage; the last uses train.resolution"})
     mixup_alpha: Tuple[float, float] = field(default=(0.0, 0.0), metadata={"help": "first and last stage"})
     dropout: Tuple[float, float] = field(default=(0.1, 0.3), metadata={"help": "first and last stage"})
+    randaugment: Optional[Tuple[float, float]] = field(
+        default=None, metadata={"help": "RandAugment magnitude, first and last stage; null = data.randaugment"})
 
     def validate(self) -> None:
         if min(self.mixup_alpha) < 0 or not all(0 <= d <= 1 for d in self.dropout):

@@ -45,6 +45,7 @@ class Stage:
     resolution: int
     mixup_alpha: float
     dropout: Optional[float]
+    randaugment: Optional[float] = None  # None: data.randaugment
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def training_resolution(cfg: Config) -> int:
 
 
 def progressive_stages(p: ProgressiveConfig, epochs: int, end_resolution: int) -> Tuple[Stage, ...]:
-    """K stages, each ``epochs/K`` long, ramping resolution, mixup and dropout linearly (V2's Algorithm 1)."""
+    """K stages, each ``epochs/K`` long, ramping resolution, mixup, dropout and RandAugment linearly (V2's
+    Algorithm 1)."""
     if epochs < p.stages:
         raise ConfigError(f"train.progressive.stages: {p.stages} stages need at least as many epochs, "
                           f"train.epochs is {epochs}")
@@ -91,7 +93,8 @@ def progressive_stages(p: ProgressiveConfig, epochs: int, end_resolution: int) -
         lerp = lambda a, b: a + (b - a) * t  # noqa: E731
         stages.append(Stage(first_epoch=math.floor(i * epochs / p.stages),
                             resolution=int(round(lerp(p.start_resolution, end_resolution))),
-                            mixup_alpha=lerp(*p.mixup_alpha), dropout=lerp(*p.dropout)))
+                            mixup_alpha=lerp(*p.mixup_alpha), dropout=lerp(*p.dropout),
+                            randaugment=lerp(*p.randaugment) if p.randaugment else None))
     return tuple(stages)
 
 

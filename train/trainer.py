@@ -180,7 +180,7 @@ class Trainer:
                 if stage.dropout is not None:
                     self.model.dropout.p = stage.dropout
                 train_set = self.train_set.with_transform(
-                    build_transform(phase.preprocessing, stage.resolution, cfg.data))
+                    build_transform(phase.preprocessing, stage.resolution, cfg.data, stage.randaugment))
                 mixing = stage.mixup_alpha > 0 or phase.cutmix_lambda is not None
                 loader = backend.train_loader(train_set, seed=cfg.train.seed, epoch=pos.epoch, start_call=pos.call)
                 bar = self.logger.progress(loader, total=calls - pos.call, desc=f"{phase.name} epoch {pos.epoch}")
