@@ -39,6 +39,10 @@ def test_only_true_and_false_are_booleans(tmp_path):
         load_config(None, ["model.proxy_norm=yes"])
 
 
+def test_numeric_looking_choices_accept_bare_numbers():
+    assert load_config(None, ["precision.compute=16.32"]).precision.compute == "16.32"
+
+
 def test_round_trip_through_plain_data():
     cfg = load_config(str(ROOT / "configs/models/efficientnet-b0-g16-ln-pn.yml"))
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))

@@ -210,6 +210,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and str(value) in typing.get_args(tp):
+            return str(value)  # a bare 16.32 in YAML is a number; the choice is the string "16.32"
         raise _Mismatch
     if tp is type(None):
         if value is None:

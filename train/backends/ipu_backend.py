@@ -93,6 +93,23 @@ class _PaddedView(Dataset):
         return image, -1
 
 
+class _OneEpoch:
+    """Iterates a ``poptorch.DataLoader`` once and then stops its worker (asynchronous loaders would otherwise
+    keep prefetching the data set again, taking host CPU from validation or the next phase)."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        finally:
+            self.loader.terminate()
+
+
 # ------------------------------------------------------------------------------------------ model wrappers
 class PerSampleEval(nn.Module):
     """Inference forward: per-sample loss (label-smoothed, as in training) and top-1/top-5 hits."""
@@ -129,6 +146,11 @@ class IPUBackend(Backend):
             self.world_size = int(self.popdist.getNumInstances())
             plan = dataclasses.replace(plan, seed=distributed.broadcast_int(plan.seed))
             distributed.broadcast_weights(task.model)
+        elif plan.instances != 1:
+            # Started without poprun: one process drives every replica (a single host holds them all).
+            warnings.warn(f"ipu.instances is {plan.instances} but this process was not started by poprun; running "
+                          f"all {plan.replicas} replicas here (see docs/ipu.md for the poprun launch)", stacklevel=3)
+            plan = dataclasses.replace(plan, instances=1)
         self.plan: IpuPhasePlan = plan
         self.host_task = task
         self.host_model = task.model
@@ -188,7 +210,7 @@ class IPUBackend(Backend):
         names = {id(p): n for n, p in self.host_task.named_parameters()}
         ipu_params = dict(self.ipu_task.named_parameters())
         groups = [{"params": [ipu_params[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
-                  for g in torch_opt.param_groups]
+                  for g in torch_opt.param_groups if g["params"]]  # (a frozen phase may leave a group empty)
         g0 = torch_opt.param_groups[0]
         settings = self.plan.settings
         accum = torch.float16 if settings.accum_type == "half" else torch.float32
@@ -251,7 +273,7 @@ class IPUBackend(Backend):
                                      persistent_workers=False, auto_distributed_partitioning=False, mode=mode,
                                      worker_init_fn=functools.partial(seed_worker, seed, self.rank), **extra)
         self._loaders.append(loader)
-        return loader
+        return _OneEpoch(loader)
 
     def _terminate_loaders(self) -> None:
         for loader in self._loaders:
