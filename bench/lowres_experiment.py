@@ -63,7 +63,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> Dict:
         "train_resolution": args.native if arm == "native" else args.low,
         "test_resolution": args.native,
         "top1": round(results[f"{last}/val/top1@{args.native}"], 4),
-        "top1_averaged": round(results.get(f"{last}/val/epoch_avg/top1@{args.native}", float("nan")), 4),
+        "top1_averaged": (round(results[f"{last}/val/epoch_avg/top1@{args.native}"], 4)
+                          if f"{last}/val/epoch_avg/top1@{args.native}" in results else None),
         "seconds": round(time.time() - started, 1),
         "train_seconds": round(sum(results[f"{p}/seconds"] for p in phases), 1),
         "images": sum(results[f"{p}/images"] for p in phases),

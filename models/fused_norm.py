@@ -217,6 +217,19 @@ if _TRITON_ERROR is None:
         return mean, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
+    def _affine(W, B, ch, mask_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-channel (gamma, beta) of a channel tile in fp32; 1 and 0 where the unit has none."""
+        if HAS_W:
+            w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_B:
+            bias = tl.load(B + ch, mask=mask_c, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        return w, bias
+
+    @triton.jit
     def _fwd_kernel(X, Y, PART, MEAN, RSTD, W, B, M, S,
                     sxb, sxc, sxhw, syb, syc, syhw, G, Cg, HW, CHUNK_C, CHUNK_HW, n_hw_chunks, n_chunks, eps,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_M: tl.constexpr, HAS_S: tl.constexpr,
@@ -236,14 +249,7 @@ if _TRITON_ERROR is None:
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < c_end
             ch = g * Cg + offs_c
-            if HAS_W:
-                w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                bias = tl.load(B + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                bias = tl.zeros([BLOCK_C], tl.float32)
+            w, bias = _affine(W, B, ch, mask_c, HAS_W, HAS_B, BLOCK_C)
             # a = (x - mean) * rstd * w + bias = x * scale + shift
             scale = (w * rstd)[:, None]
             shift = (bias - mean * rstd * w)[:, None]
@@ -290,14 +296,7 @@ if _TRITON_ERROR is None:
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < c_end
             ch = g * Cg + offs_c
-            if HAS_W:
-                w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                bias = tl.load(B + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                bias = tl.zeros([BLOCK_C], tl.float32)
+            w, bias = _affine(W, B, ch, mask_c, HAS_W, HAS_B, BLOCK_C)
             if HAS_M:
                 m = tl.load(M + ch, mask=mask_c, other=0.0).to(tl.float32)[:, None]
             if HAS_S:
@@ -383,14 +382,7 @@ if _TRITON_ERROR is None:
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < c_end
             ch = g * Cg + offs_c
-            if HAS_W:
-                w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                bias = tl.load(B + ch, mask=mask_c, other=0.0).to(tl.float32)
-            else:
-                bias = tl.zeros([BLOCK_C], tl.float32)
+            w, bias = _affine(W, B, ch, mask_c, HAS_W, HAS_B, BLOCK_C)
             if HAS_S:
                 gscale = (tl.load(S + ch, mask=mask_c, other=0.0).to(tl.float32) * w)[:, None]
             else:

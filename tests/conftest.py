@@ -72,3 +72,15 @@ def find_shared_cifar_tarball() -> Path:
 def shared_cifar_tarball() -> Path:
     """Path of the shared CIFAR-10 JPEG tarball (see :func:`find_shared_cifar_tarball`)."""
     return find_shared_cifar_tarball()
+
+
+def assert_trains_at(model, resolutions=(32, 48), num_classes=10) -> None:
+    """Forward and backward at each resolution give the right shape and finite gradients everywhere."""
+    import torch
+
+    for res in resolutions:
+        out = model(torch.randn(2, 3, res, res))
+        assert out.shape == (2, num_classes)
+        out.sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad()
