@@ -47,6 +47,7 @@ class Settings:
     batch_size: int
     channels_last: bool
     compile: bool
+    compile_mode: str
     optimizer: str
     steps: int
     warmup: int
@@ -128,7 +129,8 @@ def time_training(model: nn.Module, resolution: int, in_channels: int, s: Settin
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format).train()
     optimizer = make_optimizer(s.optimizer, model)
-    step_model: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if s.compile else model
+    step_model: Callable[[torch.Tensor], torch.Tensor] = (
+        torch.compile(model, mode=s.compile_mode) if s.compile else model)
     scaler = grad_scaler(s.precision == "fp16")
     gen = torch.Generator(device=dev).manual_seed(0)
     images = torch.randint(0, 256, (s.batch_size, in_channels, resolution, resolution), dtype=torch.uint8,
@@ -170,7 +172,7 @@ def measure(label: str, model: nn.Module, resolution: int, s: Settings) -> Dict:
         "peak_mem_mb": None if mem["peak_mem_mb"] is None else round(mem["peak_mem_mb"], 1),
         "mem_kind": "cuda_max_allocated" if s.device.type == "cuda" else "cpu_peak_rss_delta",
         "params": params, "macs": macs, "batch_size": s.batch_size, "precision": s.precision,
-        "channels_last": s.channels_last, "compile": s.compile, "optimizer": s.optimizer,
+        "channels_last": s.channels_last, "compile": s.compile_mode if s.compile else False, "optimizer": s.optimizer,
         "steps": s.steps, "warmup": s.warmup, "device": device_name(s.device), "torch": torch.__version__,
     }
 
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--channels-last", action="store_true", help="NHWC model and input")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps: raise --warmup)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs), as train.compile_mode")
     p.add_argument("--optimizer", choices=["rmsprop", "sgd"], default="rmsprop")
     p.add_argument("--compare-timm", action="store_true", help=f"also run timm's {' and '.join(TIMM_MODELS)}")
     p.add_argument("--timm-resolution", type=int, default=224,
@@ -239,14 +243,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
     if device.type == "cpu" and args.precision == "fp16":
         parser.error("--precision fp16 needs --device cuda (CPU autocast in torch 2.0 is bf16 only); use bf16")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # same for every model, so the ratios stay fair
-    settings = Settings(device, args.precision, args.batch_size, args.channels_last, args.compile, args.optimizer,
-                        args.steps, args.warmup)
+    settings = Settings(device, args.precision, args.batch_size, args.channels_last, args.compile, args.compile_mode,
+                        args.optimizer, args.steps, args.warmup)
     try:
         presets = {name: load_preset(name) for name in args.models}  # every name checked before any timing
     except ConfigError as err:

@@ -80,6 +80,7 @@ def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     (["--device", "cpu", "--precision", "fp16"], "fp16 needs --device cuda"),
     (["--resolutions", "160,x"], "not a comma-separated list of integers"),
     (["--steps", "0"], "must be >= 1"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
 ])
 def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture, argv: List[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:

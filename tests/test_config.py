@@ -59,6 +59,8 @@ def test_round_trip_through_plain_data():
     ("model.proxy_norm=true", "model.proxy_norm: true needs model.norm group or layer, not batch"),
     ("train.resolution=huge", "train.resolution: 'huge' is not an integer or one of 'half' or null"),
     ("model", "--set 'model': expected section.key=value"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode: 'reduce-overhead' takes effect only with "
+                                           "train.compile: true"),
 ])
 def test_errors_name_the_key_value_and_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as err:

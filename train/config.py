@@ -76,6 +76,8 @@ class TrainConfig:
     val_batch_size: int = field(default=64, metadata={"min": 1})
     channels_last: bool = field(default=False, metadata={"help": "torch backend: NHWC memory format"})
     compile: bool = field(default=False, metadata={"help": "torch backend: torch.compile the model"})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = field(
+        default="default", metadata={"help": "torch.compile mode; reduce-overhead replays the step as CUDA graphs"})
     progressive: Optional[ProgressiveConfig] = field(
         default=None, metadata={"help": "ramp resolution and regularisation over stages; null = off"})
 
@@ -83,6 +85,8 @@ class TrainConfig:
         if self.backend == "ipu" and self.device != "auto":
             raise ValueError(f"train.device: {self.device!r} applies to the torch backend only; "
                              "leave it at 'auto' with train.backend: ipu")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"train.compile_mode: {self.compile_mode!r} takes effect only with train.compile: true")
 
 
 @dataclass

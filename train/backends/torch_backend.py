@@ -34,7 +34,8 @@ def pick_device(setting: str) -> torch.device:
 class TorchBackend(Backend):
     def __init__(self, task: ClassificationTask, make_optimizer: Optional[Callable[[int], torch.optim.Optimizer]], *, device: str,
                  precision: str, loss_scale: float, micro_batch_size: int, gradient_accumulation: int,
-                 data: DataConfig, val_batch_size: int, channels_last: bool = False, compile: bool = False):
+                 data: DataConfig, val_batch_size: int, channels_last: bool = False, compile: bool = False,
+                 compile_mode: str = "default"):
         if precision not in AUTOCAST:
             raise BackendError(f"precision.compute: {precision!r} is an IPU setting; the torch backend takes "
                                "fp32, bf16 or fp16")
@@ -59,7 +60,7 @@ class TorchBackend(Backend):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         if compile:
-            self.runner = torch.compile(self.runner)
+            self.runner = torch.compile(self.runner, mode=compile_mode)
 
     # ----------------------------------------------------------------------------------------- geometry
     @property
