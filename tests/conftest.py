@@ -84,3 +84,21 @@ def assert_trains_at(model, resolutions=(32, 48), num_classes=10) -> None:
         out.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
+
+
+def assert_split_points_run_in_order(model, resolution=64) -> list:
+    """``split_points(model)`` names modules that run in that order (pipeline stages rely on it); returns them."""
+    import torch
+
+    from models import split_points
+
+    names = split_points(model)
+    modules = dict(model.named_modules())
+    assert names[0] == "stem" and names[-2:] == ["head", "classifier"]
+    order = []
+    hooks = [modules[n].register_forward_pre_hook(lambda m, i, n=n: order.append(n)) for n in names]
+    model.eval()(torch.zeros(1, 3, resolution, resolution))
+    for h in hooks:
+        h.remove()
+    assert order == names
+    return names
