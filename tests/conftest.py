@@ -25,6 +25,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: Debian's dataset-fashion-mnist (the ``make train`` default); tests on it skip where it is not installed.
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(not FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+
+#: ``--set`` items for a tiny B0-G16-LN+PN (width and depth 0.25, 10 classes): a CPU step takes well under a second.
+TINY_MODEL = ["model.name=efficientnet-b0", "model.group_dim=16", "model.expand_ratio=4", "model.norm=layer",
+              "model.proxy_norm=true", "model.num_classes=10", "model.width_mult=0.25", "model.depth_mult=0.25"]
+
 #: Environment variable overriding the ``shared/`` folder (default: ``<repo>/../shared``).
 SHARED_DIR_ENV = "EFFNET_SHARED_DIR"
 #: Environment variable that turns "shared data missing" skips into failures.

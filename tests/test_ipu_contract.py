@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_MODEL
 from fake_poptorch import PoptorchError, install
 from ipu_options.apply import apply_calls, build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
@@ -43,14 +44,13 @@ needs_half = pytest.mark.needs_new_torch  # half CPU convs (the IPU runs half it
 PRECISION = "'16.32'" if HALF_ON_CPU else "fp32"
 
 # A tiny G16-LN+PN network on generated data, pipelined over 2 (fake) IPUs.
-TINY = ["train.backend=ipu", "model.name=efficientnet-b0", "model.group_dim=16", "model.expand_ratio=4",
-        "model.norm=layer", "model.proxy_norm=true", "model.num_classes=10", "model.width_mult=0.25",
-        "model.depth_mult=0.25", "data.dataset=generated", "data.generated_samples=24", "data.generated_classes=10",
-        "data.workers=0", "train.resolution=16", "train.micro_batch_size=2", "train.gradient_accumulation=3",
-        "train.epochs=1", "train.weight_avg_decay=null", "optimizer.lr=0.01", "optimizer.reference_batch=256",
-        "schedule.name=cosine", "schedule.warmup_epochs=0", "logging.wandb=disabled", "logging.log_every=1",
-        f"precision.compute={PRECISION}", "ipu.pipeline=[{start: stem, ipu: 0}, {start: blocks.3.0, ipu: 1, "
-        "recompute: true}]"]
+TINY = TINY_MODEL + [
+    "train.backend=ipu", "data.dataset=generated", "data.generated_samples=24", "data.generated_classes=10",
+    "data.workers=0", "train.resolution=16", "train.micro_batch_size=2", "train.gradient_accumulation=3",
+    "train.epochs=1", "train.weight_avg_decay=null", "optimizer.lr=0.01", "optimizer.reference_batch=256",
+    "schedule.name=cosine", "schedule.warmup_epochs=0", "logging.wandb=disabled", "logging.log_every=1",
+    f"precision.compute={PRECISION}", "ipu.pipeline=[{start: stem, ipu: 0}, {start: blocks.3.0, ipu: 1, "
+    "recompute: true}]"]
 
 
 @pytest.fixture

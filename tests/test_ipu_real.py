@@ -11,18 +11,18 @@ import torch
 
 poptorch = pytest.importorskip("poptorch", reason="PopTorch ships only with the Poplar SDK; these tests run there")
 
+from conftest import TINY_MODEL  # noqa: E402
 from ipu_options.__main__ import main as ipu_main  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
 from train.cli import main as train_main  # noqa: E402
 
 # One IPU, no pipeline: the smallest thing that exercises options, wrapping, data loading and validation.
-TINY = ["train.backend=ipu", "model.name=efficientnet-b0", "model.group_dim=16", "model.expand_ratio=4",
-        "model.norm=layer", "model.proxy_norm=true", "model.num_classes=10", "model.width_mult=0.25",
-        "model.depth_mult=0.25", "data.dataset=generated", "data.generated_samples=64", "data.generated_classes=10",
-        "data.workers=0", "data.val_subset=32", "train.resolution=32", "train.micro_batch_size=4",
-        "train.gradient_accumulation=2", "train.epochs=1", "optimizer.reference_batch=256", "schedule.name=cosine",
-        "schedule.warmup_epochs=0", "logging.wandb=disabled", "logging.log_every=1", "precision.compute='16.16'",
-        "ipu.dataloader_mode=sync"]
+TINY = TINY_MODEL + [
+    "train.backend=ipu", "data.dataset=generated", "data.generated_samples=64", "data.generated_classes=10",
+    "data.workers=0", "data.val_subset=32", "train.resolution=32", "train.micro_batch_size=4",
+    "train.gradient_accumulation=2", "train.epochs=1", "optimizer.reference_batch=256", "schedule.name=cosine",
+    "schedule.warmup_epochs=0", "logging.wandb=disabled", "logging.log_every=1", "precision.compute='16.16'",
+    "ipu.dataloader_mode=sync"]
 
 
 def _args(items):

@@ -2,11 +2,11 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import FASHION_MNIST, TINY_MODEL, needs_fashion
 from data import build_dataset, build_transform
 from data.base import SampleKey
 from models import ModelConfig, build_model
@@ -17,13 +17,8 @@ from train.finetune import freeze_before, main as finetune_main
 from train.phases import finetune_phase, half_resolution, run_phases, training_phase
 from train.validate import main as validate_main
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-
-TINY = [
-    "model.group_dim=16", "model.expand_ratio=4", "model.norm=layer", "model.proxy_norm=true",
-    "model.num_classes=10", "model.width_mult=0.25", "model.depth_mult=0.25", "data.workers=0",
-    "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500", "train.micro_batch_size=32",
+TINY = TINY_MODEL + [
+    "data.workers=0", "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500", "train.micro_batch_size=32",
     "train.val_batch_size=250", "optimizer.lr=0.1", "optimizer.reference_batch=256", "schedule.name=cosine",
     "schedule.warmup_epochs=0.1", "logging.wandb=disabled", "logging.log_every=8", "train.seed=3",
 ]
@@ -92,7 +87,7 @@ def test_finetune_batches_use_eval_preprocessing_without_randomness():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One low-resolution (32 px) training run on real Fashion-MNIST, shared by the tests below."""
-    if not FASHION.exists():
+    if not FASHION_MNIST.exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     root = tmp_path_factory.mktemp("lowres")
     assert train_main(sets(TINY + ["train.resolution=32", "train.epochs=2", f"logging.run_dir={root / 'runs'}"])) == 0

@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_MODEL, needs_fashion
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-
 # A tiny G16-LN+PN network on a Fashion-MNIST subset: seconds per run on two CPU cores.
-TINY = [
-    "model.name=efficientnet-b0", "model.group_dim=16", "model.expand_ratio=4", "model.norm=layer",
-    "model.proxy_norm=true", "model.num_classes=10", "model.width_mult=0.25", "model.depth_mult=0.25",
+TINY = TINY_MODEL + [
     "data.dataset=fashion-mnist", "data.workers=0", "data.crop_scale=[0.5,1.0]", "data.train_subset=512",
     "data.val_subset=256", "train.resolution=32", "train.micro_batch_size=32", "train.val_batch_size=128",
     "train.epochs=1", "optimizer.lr=0.05", "optimizer.reference_batch=256", "schedule.name=cosine",
