@@ -49,13 +49,15 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> List[str]:
 
 def run_arm(arm: str, args: argparse.Namespace) -> Dict:
     from train.config import load_config
+    from train.run_plan import check_data, plan_run
     from train.trainer import Trainer
 
     cfg = load_config(args.config, arm_overrides(arm, args))
     started = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the modulo-32 note for 48 vs 64 is expected here
-        results = Trainer(cfg).run()
+        plan = plan_run(cfg)
+        results = Trainer(plan, check_data(plan, world_size=1)).run()
     last = "finetune" if arm == "low+finetune" else "train"
     phases = ["train", "finetune"] if arm == "low+finetune" else ["train"]
     return {

@@ -22,8 +22,8 @@ Sample = Tuple[torch.Tensor, int]
 D = TypeVar("D", bound="ImageDataset")
 
 # What PIL raises for undecodable, truncated or vanished files (UnidentifiedImageError is an OSError;
-# some broken PNG/JPEG headers raise SyntaxError or ValueError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# some broken PNG/JPEG headers raise SyntaxError or ValueError; a decompression bomb is a data problem too).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 MAX_CONSECUTIVE_SKIPS = 16
 
 
@@ -148,7 +148,37 @@ class ImageDataset(Dataset):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """The image decoded in full, as RGB: PIL decodes lazily, so this is where a corrupt file fails (inside
-    the corrupt-image handling, not later in the transform); grayscale, palette and alpha become 3 channels."""
+    """The image decoded in full, as 8-bit RGB: PIL decodes lazily, so this is where a corrupt file fails (inside
+    the corrupt-image handling, not later in the transform).
+
+    ``convert("RGB")`` is right for the 8-bit modes (grey, palette, alpha — dropped, as torchvision's loader does —
+    CMYK, YCbCr, LAB, HSV) but clips deeper ones to 255, so 16-bit greys would turn white: integer and float
+    images are scaled from their full range instead (see :func:`high_depth_to_grey`).
+    """
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return high_depth_to_grey(image).convert("RGB")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it only through LA
+        image = image.convert("LA")
+    return image.convert("RGB")
+
+
+def high_depth_to_grey(image: Image.Image) -> Image.Image:
+    """An ``I;16*``, ``I`` or ``F`` image as 8-bit grey, ``round(v * 255 / full scale)`` clipped to 0..255.
+
+    Full scale: 65535 for 16-bit modes; for ``I`` the bit depth the TIFF declares (BitsPerSample, signed when
+    SampleFormat is 2), else 16 bits (16-bit PGM/PPM decode to ``I``); float images are taken to span [0, 1].
+    """
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        full_scale = 1.0
+    elif image.mode == "I":
+        tags = getattr(image, "tag_v2", {})
+        bits = int(tags.get(258, (16,))[0])
+        full_scale = float(2 ** (bits - 1) - 1 if tags.get(339, (1,))[0] == 2 else 2 ** bits - 1)
+    else:
+        full_scale = 65535.0
+    grey = np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L")

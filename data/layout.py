@@ -9,12 +9,13 @@ import numpy as np
 
 from data.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: torchvision ImageFolder's image suffixes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "test")}
 
 
 def is_image(name: str) -> bool:
-    """JPEG/PNG by suffix, any case; dot files (macOS ``._x.jpg`` resource forks) are not images."""
+    """An image by suffix (any case); dot files (macOS ``._x.jpg`` resource forks) are not images."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 

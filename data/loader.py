@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from data.base import ImageDataset, SampleKey
 from data.errors import DataError
 from data.seeding import derive_seed
+from data.worker_signals import ignore_stop_signals
 
 
 class ShardedBatchSampler(Sampler[List[SampleKey]]):
@@ -79,8 +80,10 @@ class ShardedBatchSampler(Sampler[List[SampleKey]]):
 
 
 def seed_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Seed ``random``, numpy and torch in a worker from (seed, rank, worker id), for anything random outside
-    the keyed augmentation (which does not depend on these)."""
+    """Every loader worker's ``worker_init_fn``: ignore the job's stop signals (see :mod:`data.worker_signals`),
+    and seed ``random``, numpy and torch from (seed, rank, worker id), for anything random outside the keyed
+    augmentation (which does not depend on these)."""
+    ignore_stop_signals()
     worker_seed = derive_seed(seed, rank, worker_id)
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)

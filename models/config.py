@@ -28,7 +28,7 @@ class ModelConfig:
     depth_mult: Optional[float] = field(default=None, metadata={"min": 0.0, "help": "override the preset's depth coefficient"})
     dropout: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
     survival_prob: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
-    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels: auto = on CUDA tensors when Triton imports, else PyTorch; on = always (error if impossible); off = PyTorch."})
+    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels for CUDA: on = use them (error if impossible); auto and off = the PyTorch modules. auto will pick the kernels on CUDA once they have passed their tests on a real GPU and won there; so far they have run only in Triton's interpreter."})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

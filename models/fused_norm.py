@@ -11,7 +11,8 @@ one group) — what :class:`models.norms.NormAct` and :class:`models.norms.Scale
 The proxy statistics ``m, s`` stay in PyTorch (:meth:`ProxyNormActivation.proxy_stats`: C x 200 elements); the
 kernels take them as inputs and return their gradients, and autograd carries those on into gamma, beta, beta~ and
 gamma~. So both paths share one set of parameters and state-dict keys, and the fused path is chosen per forward
-call (:func:`use_fused`): ``auto`` runs it on CUDA tensors when Triton imports, PyTorch everywhere else.
+call (:func:`use_fused`): only with ``on``. ``auto`` (the default) keeps the PyTorch modules everywhere until the
+kernels have passed their tests on a real GPU and won there: so far they have run only in Triton's interpreter.
 
 Kernels (x viewed as (B, C, HW) with strides; NCHW and NHWC/channels_last alike, any float dtype, fp32 maths):
 
@@ -39,12 +40,11 @@ Backward formulas (g = dL/dout; sums over (b, h, w) for the per-channel ones)::
     dx       = rstd * (dy - mean_g(dy) - y * mean_g(dy * y))     (means over the sample's group)
 
 Triton is imported here, guarded: without it (Poplar SDK env, CPU-only installs) this module still imports and
-:func:`use_fused` falls back (``auto``) or explains why it cannot run (``on``). ``TRITON_INTERPRET=1`` (set before
+:func:`use_fused` explains why it cannot run (``on``). ``TRITON_INTERPRET=1`` (set before
 Triton is imported) runs the kernels in Triton's CPU interpreter, on CPU tensors: that is how the tests check them
 without a GPU; ``fused_norm: on`` accepts CPU tensors then, ``auto`` never does.
 
-torch.compile: ``auto`` takes the PyTorch path while dynamo traces (Inductor fuses it itself, no graph break);
-``on`` runs each fused unit eagerly behind a graph break. Registering the kernels as ``torch.library`` custom ops
+torch.compile: ``on`` runs each fused unit eagerly behind a graph break. Registering the kernels as ``torch.library`` custom ops
 (compile + CUDA graphs without breaks) is left for later.
 """
 
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Optional, Tuple
 
 import torch
@@ -111,25 +110,15 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def compiling() -> bool:
-    """Whether torch.compile (dynamo) is tracing this call."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is not None:
-        return bool(is_compiling())
-    dynamo = sys.modules.get("torch._dynamo")  # torch < 2.3
-    return bool(dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)())
-
-
 def use_fused(mode: str, norm: nn.Module, x: torch.Tensor) -> bool:
     """Per forward call: run the fused kernels (True) or the plain PyTorch modules (False).
 
-    ``off``: never. ``auto``: a CUDA tensor, Triton importable, a GroupNorm/LayerNorm-as-GroupNorm, a supported
-    dtype, and not under torch.compile (Inductor then compiles — and fuses — the PyTorch path itself, with no
-    graph break). ``on``: as ``auto`` but raises instead of falling back (CPU tensors are accepted when Triton's
-    interpreter is on); under torch.compile each fused unit runs eagerly behind a graph break.
+    ``off`` and ``auto``: never. The kernels have so far run only in Triton's interpreter, never on a GPU, and a
+    default must be a path that has run on its hardware, so ``auto`` keeps the PyTorch modules until the GPU tests
+    have passed on a real GPU and the kernels have won there (docs/performance.md). ``on``: a CUDA tensor (or a CPU
+    one under Triton's interpreter), Triton importable, a GroupNorm/LayerNorm-as-GroupNorm and a supported dtype,
+    else it raises; under torch.compile each fused unit runs eagerly behind a graph break.
     """
-    if mode == "off":
-        return False
     if mode not in FUSED_MODES:
         raise ValueError(f"model.fused_norm: {mode!r} is not one of {', '.join(FUSED_MODES)}")
     if not isinstance(norm, nn.GroupNorm):
@@ -137,8 +126,8 @@ def use_fused(mode: str, norm: nn.Module, x: torch.Tensor) -> bool:
             raise RuntimeError(f"model.fused_norm: on, but this norm is {type(norm).__name__}; the fused kernels "
                                "cover group and layer norm only (use model.norm: group/layer or fused_norm: auto)")
         return False
-    if mode == "auto":
-        return _TRITON_ERROR is None and x.is_cuda and x.dim() == 4 and x.dtype in _DTYPES and not compiling()
+    if mode in ("off", "auto"):
+        return False
     reason = unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"model.fused_norm: on, but the fused Triton norm kernels cannot run: {reason}. "

@@ -90,3 +90,31 @@ def test_cli_prints_resolved_config_and_user_errors_without_traceback():
     bad = subprocess.run(cmd + ["--print-config", "--set", "model.nrom=layer"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "did you mean 'model.norm'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "is empty"),
+    ("model:\n  norm: layer\n  norm: group\n", ":3:3: not valid YAML: key 'norm' is given twice (first on line 2)"),
+    ("base:\nmodel: {}\n", "base: None is not a file name or a list of file names"),
+    ("base: 3\n", "base: 3 is not a file name or a list of file names"),
+    ("base: [a.yml, 4]\n", "base: ['a.yml', 4] is not a file name"),
+    ("optimizer:\n  lr: .nan\n", "optimizer.lr: nan is not a finite number"),
+    ("data:\n  crop_scale: [.inf, 1.0]\n", "data.crop_scale[0]: inf is not a finite number"),
+    ("name: ../../x\n", "name: '../../x' is not a plain folder name"),
+    ("model: [unclosed\n", ":2:1: not valid YAML: expected ',' or ']'"),
+])
+def test_recipe_mistakes_found_when_loading(tmp_path, text, expected):
+    path = write(tmp_path, "recipe.yml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+    if "YAML" in expected:
+        assert message.startswith(path)
+
+
+def test_run_names_stay_inside_the_run_folder():
+    for bad in ("../x", "a/b", ".hidden", "", "x y"):
+        with pytest.raises(ConfigError, match="name: .* is not a plain folder name"):
+            load_config(None, [f"name={bad!s}"] if bad else ["name=''"])
+    assert load_config(None, ["name=b0-g16_ln+pn.v2"]).name == "b0-g16_ln+pn.v2"

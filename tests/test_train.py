@@ -109,7 +109,7 @@ def test_sigterm_saves_and_resume_auto_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "stopped by signal" in err and "--resume" in err
+    assert "stopped by SIGTERM" in err and "--resume" in err
     assert subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, capture_output=True).returncode == 0
     (interrupted,) = run_dirs(tmp_path)
     # The uninterrupted run in a fresh process too, so nothing this test process changed (threads) differs.
@@ -152,20 +152,6 @@ def test_corrupt_checkpoint_is_named_and_auto_resume_falls_back(tmp_path, capsys
     warnings = []
     assert find_resumable([tmp_path / "run-1"], warn=warnings.append).name == "train-step00000001.pt"
     assert str(bad) in warnings[0]
-
-
-@needs_fashion
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
-    code = run(tmp_path, "optimizer.lr=1e30", "checkpoint.every_steps=1", "train.epochs=3")
-    err = capsys.readouterr().err
-    assert code == 3
-    assert "became nan" in err or "became inf" in err
-    step = int(err.split(" at step ")[1].split()[0])
-    (run_dir,) = run_dirs(tmp_path)
-    last = run_dir / "checkpoints" / f"train-step{step - 1:08d}.pt"
-    assert f"Last good checkpoint: {last}" in err
-    assert load_checkpoint(last)["position"]["step"] == step - 1
-    assert not (run_dir / "checkpoints" / f"train-step{step:08d}.pt").exists()
 
 
 def test_missing_data_path_and_bad_values_give_clear_errors(tmp_path, capsys):

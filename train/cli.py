@@ -1,4 +1,8 @@
-"""Command line of the trainer: load and check the recipe, set up distribution, run or resume it."""
+"""Command line of the trainer: load and check the recipe, set up distribution, run or resume it.
+
+Order matters for a job of many processes: everything that can be wrong with the config, the resume and the data
+is checked before the process group starts, so a mistake is one line on every process and never a hang.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,14 @@ from data import DataError
 
 from .backends import BackendError
 from .checkpoint import CheckpointError, find_resumable
-from .config import ConfigError, load_config, to_yaml
-from .trainer import Interrupted, NonFiniteLoss, Trainer, checkpoint_run_dir, list_run_dirs, resume_state
+from .config import Config, ConfigError, load_config, to_yaml
+from .errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, StorageError
+from .resume import check_resume
+from .run_plan import RunPlan, check_data, launch_world_size, plan_run
+from .trainer import Trainer, checkpoint_run_dir, list_run_dirs, resume_state
 
-EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
+#: Exceptions that are the user's to fix: one line on stderr, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError, StorageError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML recipe in configs/ (sections as in README); defaults if omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML syntax), e.g. --set model.group_dim=16; repeatable")
-    parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="check the recipe, print it fully resolved (and what it resolves to) and exit")
     parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint, or 'auto': the newest loadable checkpoint of this config's "
-                             "runs (corrupt ones are skipped)")
+                        help="continue from a checkpoint, or 'auto': the furthest loadable checkpoint of this "
+                             "config's newest run (corrupt ones are skipped)")
+    parser.add_argument("--resume-force", action="store_true",
+                        help="resume even though the config changes what the run computes (model, batch geometry, "
+                             "data, seed, schedule, number of processes); each change is listed")
     return parser
 
 
@@ -44,11 +56,12 @@ def init_distributed() -> None:
 
 
 def run_guarded(job: Callable[[], None]) -> int:
-    """Run ``job``; user mistakes and stops become one clear line on stderr and an exit code, not a traceback."""
+    """Run ``job``; user mistakes and stops become one clear line on stderr and an exit code, not a traceback.
+    Unexpected internal errors keep their traceback."""
     try:
         job()
         return 0
-    except (ConfigError, DataError, CheckpointError, BackendError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLoss as err:
@@ -65,25 +78,57 @@ def run_guarded(job: Callable[[], None]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.print_config:
-        return run_guarded(lambda: print(to_yaml(load_config(args.config, args.overrides)), end=""))
-    return run_guarded(lambda: train(args.config, args.overrides, args.resume))
+        return run_guarded(lambda: print_config(args.config, args.overrides))
+    return run_guarded(lambda: train(args.config, args.overrides, args.resume, args.resume_force))
 
 
-def train(config: Optional[str], overrides: List[str], resume: Optional[str]) -> None:
+def describe_plan(plan: RunPlan, world_size: int) -> List[str]:
+    """What the recipe resolves to (``half`` -> 160, batch geometry, validation sizes), one line per phase."""
+    lines = []
+    for index, phase in enumerate(plan.phases):
+        per_call = plan.samples_per_call(index, world_size)
+        frozen = f", trainable from {phase.first_trainable}" if phase.first_trainable else ""
+        sizes = " -> ".join(str(s.resolution) for s in phase.stages)
+        lines.append(f"phase {phase.name}: {sizes} px, {phase.epochs} epochs, {per_call} samples per step over "
+                     f"{world_size} process(es), {phase.optimizer.name} lr {phase.optimizer.lr} at batch "
+                     f"{phase.optimizer.reference_batch}, validated at {list(phase.val_resolutions)} px{frozen}")
+    return lines
+
+
+def print_config(config: Optional[str], overrides: List[str]) -> None:
     cfg = load_config(config, overrides)
-    init_distributed()
+    plan = plan_run(cfg)
+    print(to_yaml(cfg), end="")
+    print("# resolved (comments, not keys):")
+    for line in describe_plan(plan, launch_world_size()):
+        print(f"#   {line}")
+
+
+def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
+    if resume != "auto":
+        return Path(resume)
+    path = find_resumable(list_run_dirs(cfg), warn=lambda m: print(m, file=sys.stderr))
+    if path is None:
+        print(f"--resume auto: no checkpoint of {cfg.name!r} under {cfg.logging.run_dir}/; starting afresh",
+              file=sys.stderr)
+    return path
+
+
+def train(config: Optional[str], overrides: List[str], resume: Optional[str], force: bool = False) -> None:
+    cfg = load_config(config, overrides)
     state, run_dir = None, None
-    if resume:
-        path = find_resumable(list_run_dirs(cfg), warn=lambda m: print(m, file=sys.stderr)) \
-            if resume == "auto" else Path(resume)
-        if path is None:
-            print(f"--resume auto: no checkpoint of {cfg.name!r} under {cfg.logging.run_dir}/; starting afresh",
-                  file=sys.stderr)
-        else:
-            state = resume_state(path)
-            # The run continues with its saved config; --config replaces it, --set still applies on top.
-            cfg = load_config(config, overrides, base=state["config"])
-            run_dir = checkpoint_run_dir(path)
-            print(f"resuming from {path}", file=sys.stderr)
-    only_finetune = state is not None and state.get("phases") == ["finetune"]
-    Trainer(cfg, run_dir=run_dir, resume=state, only_finetune=only_finetune).run()
+    path = _resume_path(resume, cfg) if resume else None
+    if path is not None:
+        state = resume_state(path)
+        # The run continues with its saved config; --config replaces it, --set still applies on top.
+        cfg = load_config(config, overrides, base=state["config"])
+        run_dir = checkpoint_run_dir(path)
+    plan = plan_run(cfg, only_finetune=state is not None and state.get("phases") == ["finetune"])
+    world_size = launch_world_size()
+    if state is not None:
+        check_resume(state, cfg, world_size, force, note=lambda m: print(m, file=sys.stderr))
+    datasets = check_data(plan, world_size)
+    init_distributed()
+    if state is not None:
+        print(f"resuming from {path}", file=sys.stderr)
+    Trainer(plan, datasets, run_dir=run_dir, resume=state).run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ class TrainConfig:
         default="default", metadata={"help": "torch.compile mode; reduce-overhead replays the step as CUDA graphs"})
     progressive: Optional[ProgressiveConfig] = field(
         default=None, metadata={"help": "ramp resolution and regularisation over stages; null = off"})
+    nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={
+        "help": "a step whose loss or gradients are NaN/inf is never applied; stop: end the run (exit 3) naming the "
+                "last checkpoint whose weights still trained; skip: drop the step, count and log it, and stop only "
+                "after train.max_nonfinite_skips in a row (torch backend)"})
+    max_nonfinite_skips: int = field(default=10, metadata={
+        "min": 1, "help": "with nonfinite: skip, stop after this many consecutive non-finite steps"})
 
     def validate(self) -> None:
         if self.backend == "ipu" and self.device != "auto":
@@ -125,6 +132,12 @@ class OptimizerConfig:
     eps: float = field(default=1e-3, metadata={"min": 0.0})
     nesterov: bool = False
     betas: Tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "adamw"})
+    clip_grad_norm: Optional[float] = field(default=None, metadata={
+        "min": 0.0, "help": "clip the global L2 norm of the gradients to this value before each step; null = off"})
+
+    def validate(self) -> None:
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"optimizer.clip_grad_norm: {self.clip_grad_norm} must be above 0 (null turns it off)")
 
 
 @dataclass
@@ -174,7 +187,18 @@ class Config:
     ipu: IpuConfig = field(default_factory=IpuConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    name: str = field(default="run", metadata={"help": "recipe name; the file's stem unless set"})
+    name: str = field(default="run", metadata={
+        "help": "recipe name; the file's stem unless set; run folders are <logging.run_dir>/<name>-<time>, so it "
+                "must be one plain folder name (letters, digits, '.', '_', '-', '+')"})
+
+    def validate(self) -> None:
+        if not RUN_NAME.fullmatch(self.name):
+            raise ValueError(f"name: {self.name!r} is not a plain folder name; use letters, digits, '.', '_', '-' "
+                             "and '+', not starting with '.' (run folders are <logging.run_dir>/<name>-<time>)")
+
+
+#: What ``name`` may be: one path component that cannot climb out of ``logging.run_dir`` or hide itself.
+RUN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -250,6 +274,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         raise _Mismatch
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
             return float(value)
         raise _Mismatch
     if tp is str:
@@ -329,8 +355,37 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+    """A mapping that refuses a key given twice (PyYAML silently keeps the last one)."""
+    seen: Dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            first = seen[key]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {first.line + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(err: yaml.YAMLError, source: str) -> str:
+    """One line: ``<source>:<line>:<column>: not valid YAML: <problem>`` (PyYAML's spans several lines)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {err.problem}"
+    return f"{source}: not valid YAML: {' '.join(str(err).split())}"
+
+
+def parse_yaml(text: str, source: str = "<text>") -> Any:
+    """YAML 1.2-style scalars, no duplicate keys; a syntax error is a one-line :class:`ConfigError`."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err, source)) from None
 
 
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
@@ -338,6 +393,15 @@ def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in top.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _base_files(bases: Any, path: Path) -> List[str]:
+    """The ``base:`` entry as a list of file names, or an error saying what it may be."""
+    if isinstance(bases, str) and bases:
+        return [bases]
+    if isinstance(bases, list) and bases and all(isinstance(b, str) and b for b in bases):
+        return bases
+    raise ConfigError(f"{path}: base: {bases!r} is not a file name or a list of file names (relative to the file)")
 
 
 def read_recipe(path: Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
@@ -348,15 +412,19 @@ def read_recipe(path: Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; a recipe needs at least one section (e.g. model:) "
+                          "or a base: to inherit from")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    bases = raw.pop("base", [])
     merged: Dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_merge(merged, read_recipe(path.parent / base, _seen + (path,)))
+    if "base" in raw:
+        for base in _base_files(raw.pop("base"), path):
+            merged = _deep_merge(merged, read_recipe(path.parent / base, _seen + (path,)))
     return _deep_merge(merged, raw)
 
 
@@ -366,9 +434,9 @@ def apply_override(raw: Dict[str, Any], override: str) -> Dict[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected section.key=value")
     try:
-        value = parse_yaml(text)
-    except yaml.YAMLError:
-        value = text
+        value = parse_yaml(text, f"--set {override}")
+    except ConfigError:
+        value = text  # not YAML (e.g. an unquoted path with a colon): the string as typed
     nested: Any = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}

@@ -51,12 +51,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _finetune(checkpoint: Path, config: Optional[str], overrides: List[str]) -> None:
     from .checkpoint import load_checkpoint
+    from .cli import init_distributed
     from .config import load_config
+    from .run_plan import check_data, launch_world_size, plan_run
     from .trainer import Trainer, start_weights
 
     state = load_checkpoint(checkpoint)
     cfg = load_config(config, overrides, base=state["config"])
-    Trainer(cfg, only_finetune=True, start_from=start_weights(state)).run()
+    plan = plan_run(cfg, only_finetune=True)
+    datasets = check_data(plan, launch_world_size())
+    init_distributed()
+    Trainer(plan, datasets, start_from=start_weights(state), start_from_path=checkpoint).run()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from data import build_dataset, build_transform
 from models import build_model
 
 from .backends import TorchBackend
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, load_config
 from .task import ClassificationTask
 from .trainer import evaluate, start_weights
@@ -26,7 +26,7 @@ def sweep(checkpoint: Path, resolutions: List[int], overrides: List[str], device
     state = load_checkpoint(checkpoint)
     cfg = load_config(None, overrides, base=state["config"])
     model = build_model(cfg.model)
-    model.load_state_dict(start_weights(state))
+    load_weights(model, start_weights(state), checkpoint)
     task = ClassificationTask(model, cfg.model.num_classes)
     backend = TorchBackend(task, None, device=device, precision="fp32", loss_scale=1.0, micro_batch_size=1,
                            gradient_accumulation=1, data=cfg.data, val_batch_size=cfg.train.val_batch_size)

@@ -36,7 +36,8 @@ def make_backend(cfg: Config, phase: Phase, task: ClassificationTask, make_optim
                         loss_scale=cfg.precision.loss_scale, micro_batch_size=phase.micro_batch_size,
                         gradient_accumulation=phase.gradient_accumulation, data=cfg.data,
                         val_batch_size=cfg.train.val_batch_size, channels_last=cfg.train.channels_last,
-                        compile=cfg.train.compile, compile_mode=cfg.train.compile_mode)
+                        compile=cfg.train.compile, compile_mode=cfg.train.compile_mode,
+                        clip_grad_norm=phase.optimizer.clip_grad_norm)
 
 
 __all__ = ["Backend", "BackendError", "EvalStats", "OptimizerFactory", "StepStats", "TorchBackend", "make_backend",

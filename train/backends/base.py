@@ -18,12 +18,17 @@ from data import ImageDataset
 
 @dataclass
 class StepStats:
-    """What one train call did: mean loss, top-1 hits (against unmixed labels), samples and optimizer steps."""
+    """What one train call did, job-wide: mean loss; top-1 hits (against unmixed labels) as a share of this
+    process's ``samples`` (so ``top1 / samples`` is the job's accuracy); optimizer steps; whether the update was
+    applied (a step whose loss or gradients are not finite is dropped, see :mod:`train.trainer`); and the global
+    gradient norm before clipping, where the backend sees it."""
 
     loss: float
     top1: float
     samples: int
     steps: int
+    applied: bool = True
+    grad_norm: Optional[float] = None
 
 
 @dataclass
@@ -103,6 +108,14 @@ class Backend(ABC):
     @abstractmethod
     def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a small host tensor over all processes (metrics)."""
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (one all-reduce; nothing to do alone). Every
+        process must call it at the same point: the stop protocol (train/stop.py) calls it after each host call
+        and each validation batch."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum_across_processes(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)
 
     def close(self) -> None:
         """Release devices and workers."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,15 @@ class BackendError(ValueError):
     """A setting this backend cannot honour on this machine; names the config key."""
 
 
+def check_torch_settings(device: str, precision: str) -> None:
+    """The torch backend's settings that depend on the machine: raises BackendError naming the key."""
+    if precision not in AUTOCAST:
+        raise BackendError(f"precision.compute: {precision!r} is an IPU setting; the torch backend takes "
+                           "fp32, bf16 or fp16")
+    if precision == "fp16" and pick_device(device).type != "cuda":
+        raise BackendError("precision.compute: fp16 needs CUDA (loss scaling); use bf16 or fp32 on the CPU")
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise BackendError("train.device: 'cuda' was asked for but torch sees no CUDA device; use cpu or auto")
@@ -35,13 +45,9 @@ class TorchBackend(Backend):
     def __init__(self, task: ClassificationTask, make_optimizer: Optional[Callable[[int], torch.optim.Optimizer]], *, device: str,
                  precision: str, loss_scale: float, micro_batch_size: int, gradient_accumulation: int,
                  data: DataConfig, val_batch_size: int, channels_last: bool = False, compile: bool = False,
-                 compile_mode: str = "default"):
-        if precision not in AUTOCAST:
-            raise BackendError(f"precision.compute: {precision!r} is an IPU setting; the torch backend takes "
-                               "fp32, bf16 or fp16")
+                 compile_mode: str = "default", clip_grad_norm: Optional[float] = None):
+        check_torch_settings(device, precision)
         self.device = pick_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise BackendError("precision.compute: fp16 needs CUDA (loss scaling); use bf16 or fp32 on the CPU")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.task = task.to(self.device)
@@ -55,6 +61,7 @@ class TorchBackend(Backend):
         self.scaler = torch.cuda.amp.GradScaler(init_scale=loss_scale) if precision == "fp16" else None
         self.data = data
         self.val_batch_size = val_batch_size
+        self.clip_grad_norm = clip_grad_norm
         self.runner: nn.Module = self.task
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -104,6 +111,13 @@ class TorchBackend(Backend):
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def train_call(self, images: torch.Tensor, labels: torch.Tensor, mix: Optional[torch.Tensor]) -> StepStats:
+        """Forward and backward over the accumulated micro-batches, then one optimizer step unless the job-wide
+        loss or the gradient norm is not finite (then the update is dropped and ``applied`` is False).
+
+        The loss and hits are summed over processes before the decision, and DDP's gradients are already the
+        same everywhere, so every process takes the same decision. With fp16, infinite gradients are the loss
+        scaler's business (it skips the step and lowers the scale, as it should); only a non-finite loss counts.
+        """
         self.task.train()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
@@ -121,12 +135,28 @@ class TorchBackend(Backend):
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
             top1 += hits.detach()
+        totals = torch.stack([loss_sum, top1])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        loss_mean = totals[0].item() / (self.accumulation * self.world_size)
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        applied = math.isfinite(loss_mean) and (self.scaler is not None or math.isfinite(grad_norm))
+        if self.scaler:
+            if applied:
+                self.scaler.step(self.optimizer)  # itself skips a step with infinite gradients
             self.scaler.update()
-        else:
+        elif applied:
             self.optimizer.step()
-        return StepStats(loss=loss_sum.item() / self.accumulation, top1=top1.item(), samples=len(labels), steps=1)
+        return StepStats(loss=loss_mean, top1=totals[1].item() / self.world_size, samples=len(labels), steps=1,
+                         applied=applied, grad_norm=grad_norm)
+
+    def _clip_gradients(self) -> float:
+        """The global L2 norm of the (unscaled) gradients, after clipping them to ``optimizer.clip_grad_norm``."""
+        params: List[torch.Tensor] = [p for p in self.task.parameters() if p.grad is not None]
+        limit = self.clip_grad_norm if self.clip_grad_norm is not None else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
     @torch.no_grad()
     def eval_call(self, images: torch.Tensor, labels: torch.Tensor) -> EvalStats:

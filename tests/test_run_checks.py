@@ -1,0 +1,176 @@
+"""What a run checks before its first step, the one-line errors of every path, and an honest resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_MODEL, needs_fashion
+from train.checkpoint import candidates, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+QUICK = TINY_MODEL + ["train.resolution=16", "train.micro_batch_size=8", "train.val_batch_size=8",
+                      "train.epochs=2", "logging.wandb=disabled", "optimizer.name=adamw", "optimizer.lr=0.002",
+                      "optimizer.reference_batch=8", "schedule.warmup_epochs=0"]
+
+
+def sets(items: List[str]) -> List[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def train(*args: str, module: str = "train") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_error_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The process exited with ``code`` and printed exactly one ``error:`` line and no traceback; that line."""
+    assert done.returncode == code, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    return line
+
+
+def image_folder(root: Path, per_class: int = 12, size: int = 24) -> Path:
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (20 * i, 100 * c, 7 * i)).save(folder / f"{i:02d}.jpg")
+    return root
+
+
+def folder_run(data: Path, runs: Path, *extra: str) -> List[str]:
+    return sets(QUICK + ["model.num_classes=2", "data.dataset=imagefolder", f"data.path={data}",
+                         f"logging.run_dir={runs}", *extra])
+
+
+# ------------------------------------------------------------------------------------------- found before any step
+def test_a_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
+    data = image_folder(tmp_path / "set")
+    bad = data / "train" / "b" / "07.jpg"  # not in the first batch: found by a worker during training
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    line = one_error_line(train(*folder_run(data, tmp_path / "runs", "data.workers=2")))
+    assert f"corrupt image {bad}" in line and "in DataLoader worker process" in line
+
+
+def test_a_corrupt_first_batch_stops_before_the_run_starts(tmp_path):
+    data = image_folder(tmp_path / "set")
+    bad = data / "val" / "a" / "00.jpg"
+    bad.write_bytes(b"garbage")
+    line = one_error_line(train(*folder_run(data, tmp_path / "runs", "data.workers=0")))
+    assert str(bad) in line
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_a_corrupt_image_late_in_validation_keeps_the_epoch(tmp_path):
+    """The checkpoint written before validating holds the epoch; a resume validates, then trains on."""
+    data = image_folder(tmp_path / "set")
+    bad = data / "val" / "b" / "05.jpg"  # beyond the first validation batch of 8
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(b"garbage")
+    args = folder_run(data, tmp_path / "runs", "data.workers=0")
+    line = one_error_line(train(*args))
+    assert str(bad) in line
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run_dir / "checkpoints" / "train-step00000003.pt")  # 24 images / 8 = 3 steps
+    assert saved["position"]["epoch"] == 1 and saved["position"]["pending_validation"]
+    bad.write_bytes(good_bytes)
+    assert train(*args, "--resume", "auto").returncode == 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if "val/top1@16" in x] == [1, 2]
+
+
+def test_a_bad_first_trainable_fails_before_training(tmp_path):
+    done = train(*sets(QUICK + ["finetune.enabled=true", "finetune.first_trainable=blocks.99.0",
+                                f"logging.run_dir={tmp_path}"]))
+    line = one_error_line(done)
+    assert "finetune.first_trainable: 'blocks.99.0'" in line and "blocks.1.0" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_fashion
+def test_a_batch_larger_than_the_data_set_is_an_error_not_zero_steps(tmp_path):
+    line = one_error_line(train(*sets(QUICK + ["data.train_subset=16", "train.micro_batch_size=32",
+                                               f"logging.run_dir={tmp_path}"])))
+    assert "train.micro_batch_size 32" in line and "16" in line and "no step" in line
+
+
+def test_yaml_syntax_errors_are_one_line_with_the_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yml"
+    recipe.write_text("model:\n  norm: layer\n  group_dim: [16\n")
+    line = one_error_line(train("--config", str(recipe), "--print-config"))
+    assert f"{recipe}:4:1: not valid YAML" in line
+
+
+def test_print_config_shows_what_the_recipe_resolves_to():
+    done = train("--config", "configs/models/efficientnet-b0-g16-ln-pn.yml", "--print-config",
+                 "--set", "train.resolution=half")
+    assert done.returncode == 0, done.stderr
+    assert "#   phase train: 160 px" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------- resume
+@pytest.fixture
+def finished_run(tmp_path):
+    """A tiny image-folder run of 6 steps with a checkpoint every 2, and its arguments."""
+    data = image_folder(tmp_path / "set")
+    args = folder_run(data, tmp_path / "runs", "data.workers=0", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    done = train(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return args, next((tmp_path / "runs").iterdir())
+
+
+def test_resume_refuses_a_different_batch_geometry_unless_forced(finished_run):
+    args, run_dir = finished_run
+    middle = run_dir / "checkpoints" / "train-step00000004.pt"
+    line = one_error_line(train(*args, "--set", "train.micro_batch_size=4", "--resume", str(middle)))
+    assert "train.micro_batch_size: 8 -> 4" in line and "--resume-force" in line
+    forced = train(*args, "--set", "train.micro_batch_size=4", "--resume", str(middle), "--resume-force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "--resume-force: continuing" in forced.stderr and "train.micro_batch_size: 8 -> 4" in forced.stderr
+
+
+def test_resume_into_another_model_is_one_line_even_when_forced(finished_run):
+    args, run_dir = finished_run
+    assert "model.width_mult" in one_error_line(train(*args, "--set", "model.width_mult=0.5", "--resume", "auto"))
+    line = one_error_line(train(*args, "--set", "model.width_mult=0.5", "--resume", "auto", "--resume-force"))
+    assert "does not fit this model" in line and "differ in shape" in line
+
+
+def test_validate_with_another_class_count_is_one_line(finished_run):
+    args, run_dir = finished_run
+    line = one_error_line(train("--checkpoint", str(run_dir / "checkpoints" / "train-final.pt"), "--resolutions",
+                                "16", "--device", "cpu", "--set", "model.num_classes=5", module="train.validate"))
+    assert "classifier.weight" in line and "[2, " in line and "[5, " in line
+
+
+def test_resume_refuses_to_drop_the_wandb_run(tmp_path):
+    data = image_folder(tmp_path / "set")
+    args = folder_run(data, tmp_path / "runs", "data.workers=0", "train.epochs=1", "logging.wandb=offline")
+    assert train(*args).returncode == 0
+    line = one_error_line(train(*args, "--set", "logging.wandb=disabled", "--resume", "auto"))
+    assert "logging.wandb" in line and "W&B run id" in line
+
+
+def test_resume_auto_orders_by_phase_and_step_not_modification_time(tmp_path):
+    """``cp -r`` gives every file a new mtime; the furthest checkpoint still wins."""
+    run = tmp_path / "run-20260101-000000" / "checkpoints"
+    for name in ("train-step00000030.pt", "train-step00000035.pt", "train-final.pt", "finetune-step00000005.pt"):
+        save_checkpoint({"model": {}, "config": {}}, run / name)
+    copied = tmp_path / "run-20260101-000000-copy"
+    shutil.copytree(tmp_path / "run-20260101-000000", copied)
+    os.utime(copied / "checkpoints" / "train-step00000030.pt", (4e9, 4e9))  # the newest file by far
+    order = [p.name for p in candidates([copied])]
+    assert order == ["finetune-step00000005.pt", "train-final.pt", "train-step00000035.pt", "train-step00000030.pt"]

@@ -1,0 +1,109 @@
+"""Everything about a run that can be checked before its first step, checked in one pass.
+
+:func:`plan_run` needs no files and no devices: it builds every phase of the run (resolution, batch geometry,
+optimizer, frozen layers), checks each phase's ``first_trainable`` against the model's split points, and checks
+the backend's settings — the torch backend's precision and device, or the PopTorch plan of every phase on IPUs.
+:func:`check_data` then opens both splits, checks that every phase's host call fits the training set, and decodes
+the first batch of each split, so a wrong path, an empty folder or an unreadable data set stops the run before any
+work, with one line naming the key or file.
+
+Shared by ``python -m train`` (and its ``--print-config``), ``python -m train.finetune`` and
+``python -m ipu_options``: one place for the checks that span sections.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from data import ImageDataset, SampleKey, build_dataset, build_transform
+from ipu_options.plan import IpuPhasePlan, resolve_phase, split_names
+
+from .backends.torch_backend import check_torch_settings
+from .config import Config, ConfigError
+from .phases import Phase, finetune_phase, run_phases
+
+#: PopTorch's optimizers with a ``max_grad_norm`` (its RMSprop has none; docs/ipu.md).
+IPU_CLIPPING_OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated config and the phases it runs, with each phase's IPU plan on ``train.backend: ipu``."""
+
+    cfg: Config
+    phases: Tuple[Phase, ...]
+    ipu: Tuple[IpuPhasePlan, ...] = ()
+
+    def samples_per_call(self, index: int, world_size: int) -> int:
+        """Training samples one host call takes over the whole job in phase ``index``."""
+        if self.ipu:
+            plan = self.ipu[index]
+            return plan.samples_per_call * plan.instances  # micro x device iterations x accumulation x replicas
+        phase = self.phases[index]
+        return phase.micro_batch_size * phase.gradient_accumulation * world_size
+
+
+def _phase_key(phase: Phase, key: str) -> str:
+    """Where a phase's batch setting comes from: ``finetune.<key>`` when the fine-tune phase sets its own."""
+    return f"finetune.{key}" if phase.name == "finetune" else f"train.{key}"
+
+
+def plan_run(cfg: Config, only_finetune: bool = False) -> RunPlan:
+    """The run's phases, with every check that needs neither data nor devices; raises ConfigError/BackendError."""
+    phases = (finetune_phase(cfg),) if only_finetune else tuple(run_phases(cfg))
+    names = split_names(cfg.model)
+    for phase in phases:
+        if phase.first_trainable is not None and phase.first_trainable not in names:
+            raise ConfigError(f"finetune.first_trainable: {phase.first_trainable!r} is not a split point of "
+                              f"{cfg.model.name}; valid names: {', '.join(names)}")
+    if cfg.train.backend == "torch":
+        check_torch_settings(cfg.train.device, cfg.precision.compute)
+        return RunPlan(cfg, phases)
+    if cfg.train.nonfinite == "skip":
+        raise ConfigError("train.nonfinite: 'skip' needs train.backend: torch; on IPUs the update happens on the "
+                          "device before the host sees the loss, so a step cannot be dropped (use 'stop')")
+    for phase in phases:
+        clip, name = phase.optimizer.clip_grad_norm, phase.optimizer.name
+        if clip is not None and name not in IPU_CLIPPING_OPTIMIZERS:
+            key = "finetune.optimizer" if phase.name == "finetune" else "optimizer.name"
+            raise ConfigError(f"optimizer.clip_grad_norm: {clip} with {key}: {name!r} on IPUs: PopTorch's "
+                              f"{name} has no max_grad_norm; use one of {', '.join(IPU_CLIPPING_OPTIMIZERS)} or "
+                              "turn clipping off")
+    return RunPlan(cfg, phases, tuple(resolve_phase(cfg, phase) for phase in phases))
+
+
+def launch_world_size() -> int:
+    """Processes of a torchrun launch (``WORLD_SIZE``), known before the process group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_data(plan: RunPlan, world_size: int) -> Tuple[ImageDataset, ImageDataset]:
+    """Both splits, opened and checked: each phase's host call fits the training set, and the first batch of
+    each split decodes. Raises DataError (naming the file) or ConfigError (naming the batch keys)."""
+    cfg = plan.cfg
+    train_set = build_dataset(cfg.data, "train", build_transform("eval", 32, cfg.data))
+    val_set = build_dataset(cfg.data, "val", build_transform("eval", 32, cfg.data))
+    for index, phase in enumerate(plan.phases):
+        needed = plan.samples_per_call(index, world_size)
+        if needed > len(train_set):
+            what = ("micro x device iterations x accumulation x replicas" if plan.ipu else
+                    f"{_phase_key(phase, 'micro_batch_size')} {phase.micro_batch_size} x "
+                    f"{_phase_key(phase, 'gradient_accumulation')} {phase.gradient_accumulation} x "
+                    f"{world_size} process(es)")
+            raise ConfigError(f"phase {phase.name!r}: one step takes {needed} samples ({what}), more than the "
+                              f"{len(train_set)} of {train_set}; the phase would run no step. Use a smaller batch "
+                              "or more data")
+    first = plan.phases[0]
+    stage = first.stage(0)
+    _decode(train_set.with_transform(build_transform(first.preprocessing, stage.resolution, cfg.data,
+                                                     stage.randaugment)), first.micro_batch_size, cfg.train.seed)
+    _decode(val_set.with_transform(build_transform("eval", first.val_resolutions[0], cfg.data)),
+            cfg.train.val_batch_size, cfg.train.seed)
+    return train_set, val_set
+
+
+def _decode(dataset: ImageDataset, count: int, seed: int) -> List[object]:
+    """Decode and transform the first ``count`` samples (in file order), as the first batch would."""
+    return [dataset[SampleKey(i, seed, 0)] for i in range(min(count, len(dataset)))]
