@@ -20,6 +20,7 @@ from data import DataError
 from .backends import BackendError
 from .checkpoint import CheckpointError, find_resumable
 from .config import Config, ConfigError, load_config, to_yaml
+from .config_docs import key_docs, render_markdown, render_text
 from .errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, StorageError
 from .resume import check_resume
 from .run_plan import RunPlan, check_data, launch_world_size, plan_run
@@ -30,10 +31,16 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError, StorageErr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train EfficientNet on CPU, GPU or IPU.")
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Train EfficientNet on CPU, GPU or IPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (type = default [allowed]; set in a recipe or with --set):\n" + render_text(key_docs()))
     parser.add_argument("--config", help="YAML recipe in configs/ (sections as in README); defaults if omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML syntax), e.g. --set model.group_dim=16; repeatable")
+    parser.add_argument("--help-config", nargs="?", const="text", choices=["text", "markdown"],
+                        help="print every config key with its type, default, allowed values and help and exit "
+                             "(markdown: the table of docs/config.md)")
     parser.add_argument("--print-config", action="store_true",
                         help="check the recipe, print it fully resolved (and what it resolves to) and exit")
     parser.add_argument("--resume", metavar="PATH|auto",
@@ -77,6 +84,10 @@ def run_guarded(job: Callable[[], None]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.help_config:
+        docs = key_docs()
+        print(render_markdown(docs) if args.help_config == "markdown" else render_text(docs), end="")
+        return 0
     if args.print_config:
         return run_guarded(lambda: print_config(args.config, args.overrides))
     return run_guarded(lambda: train(args.config, args.overrides, args.resume, args.resume_force))
