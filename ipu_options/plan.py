@@ -343,8 +343,9 @@ def _common_calls(plan: IpuPhasePlan, *, training: bool, popdist: bool, offline:
     calls.append(Call("Precision.setPartialsType", (Symbol("torch.float16" if partials == "half"
                                                            else "torch.float32"),)))
     if training and s.conv_dithering:
+        # A string-to-string map, like engineOptions: Poplar parses "true" itself.
         calls.append(Call("_Popart.set", ("convolutionOptions", {"partialsType": partials,
-                                                                 "enableConvDithering": True})))
+                                                                 "enableConvDithering": "true"})))
     if training:
         calls.append(Call("Precision.enableStochasticRounding", (bool(s.stochastic_rounding),)))
     calls.append(Call("enableStableNorm", (bool(s.stable_norm),)))

@@ -271,7 +271,7 @@ def test_conv_options_are_merged_not_clobbered():
     paths = [c.path for c in calls]
     partials = paths.index("Precision.setPartialsType")
     merged = calls.index(Call("_Popart.set", ("convolutionOptions", {"partialsType": "half",
-                                                                     "enableConvDithering": True})))
+                                                                     "enableConvDithering": "true"})))
     assert merged > partials  # set last, with the partials type kept
     assert "Training.setConvolutionDithering" not in paths
 
