@@ -148,13 +148,15 @@ def test_begin_block_lands_on_the_configured_modules(fake):
     assert fake.STATE.block_entries == [("stage0", 0), ("stage1", 1)]
 
 
-def test_recompute_stage_checkpoints_every_block_output(fake):
+def test_recompute_stage_checkpoints_every_block_output_in_training_only(fake):
     cfg = tiny()
     plan = resolve_phase(cfg, run_phases(cfg)[0])
     model = build_model(cfg.model)
     checkpointed = annotate_pipeline(model, plan.stages, fake)
     assert checkpointed[0] == "blocks.3.0" and checkpointed[-1] == "head" and "classifier" not in checkpointed
-    model(torch.zeros(1, 3, 16, 16))
+    model.eval()(torch.zeros(1, 3, 16, 16))  # the inference graph has nothing to recompute
+    assert fake.STATE.checkpoints == 0
+    model.train()(torch.zeros(1, 3, 16, 16))
     assert fake.STATE.checkpoints == len(checkpointed)
 
 
