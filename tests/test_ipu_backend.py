@@ -21,7 +21,7 @@ from train.backends import process_rank
 from train.backends.torch_backend import BackendError
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.optim import build_optimizer
 from train.phases import run_phases
 from train.task import ClassificationTask
@@ -81,6 +81,8 @@ def test_b0_recipe_options_in_both_phases(fake):
     assert popart["engineOptions"]["target.deterministicWorkers"] == "portable"
     assert popart["enableStochasticRounding"] is False and popart["enableStableNorm"] is True
     assert popart["accumulateOuterFragmentSettings.schedule"] == 3
+    assert popart["cachePath"] == "runs/executable-cache" and popart["enableEngineCaching"] is True
+    assert "disableOptimizerStateTensorStreams" not in popart  # the recipes checkpoint the optimizer state
     val = build_options(fake, train_plan, training=False)
     assert (val.device_iterations, val.Training.gradient_accumulation) == (2, 1)
     assert val.output_mode == int(fake.OutputMode.All)
@@ -207,6 +209,61 @@ def test_backend_geometry_data_and_lr_updates(fake):
     backend.close()
 
 
+# ------------------------------------------------------------------------------------------ optimizer state
+IMAGES, LABELS = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), \
+    torch.arange(6) % 10
+
+
+def test_checkpoints_hold_the_device_optimizer_state_through_validation_and_resume_it(fake):
+    backend = make_backend(tiny())
+    backend.train_call(IMAGES, LABELS, None)
+    backend.eval_call(IMAGES[:4], LABELS[:4])  # detaches the training model; the next call attaches it again
+    backend.train_call(IMAGES, LABELS, None)
+    saved = backend.state_dict()["optimizer"]
+    assert {int(s["step"]) for s in saved["state"].values()} == {2}  # the device's state, kept over the detach
+    square = [s["mean_square"] for s in saved["state"].values()]
+    assert any(not torch.equal(m, torch.ones_like(m)) for m in square)
+    backend.close()
+    resumed = make_backend(tiny())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped
+        resumed.load_state_dict({"kind": "ipu", "optimizer": saved, "lr": 0.01})
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["velocity"], saved["state"][0]["velocity"])
+    resumed.close()
+
+
+def test_weights_only_checkpoints_say_what_a_resume_loses(fake):
+    backend = make_backend(tiny("checkpoint.optimizer_state=false"))  # one epoch: nothing validates mid-phase
+    assert not backend.plan.keep_optimizer_state
+    assert backend.train_opts._Popart.options["disableOptimizerStateTensorStreams"] is True
+    backend.train_call(IMAGES, LABELS, None)
+    assert backend.state_dict()["optimizer"] is None
+    with pytest.warns(UserWarning, match="holds weights only .* restart from their initial values"):
+        backend.load_state_dict({"kind": "ipu", "optimizer": None, "lr": 0.01})
+    with pytest.warns(UserWarning, match="cannot be uploaded"):
+        backend.load_state_dict({"kind": "ipu", "optimizer": {"state": {}, "param_groups": []}, "lr": 0.01})
+    backend.eval_call(IMAGES[:4], LABELS[:4])
+    with pytest.raises(BackendError, match="would restart the optimizer state; set checkpoint.optimizer_state"):
+        backend.train_call(IMAGES, LABELS, None)
+    backend.close()
+
+
+def test_eval_pads_the_last_call_and_counts_every_sample_once(fake):
+    cfg = tiny()
+    backend = make_backend(cfg)
+    from data import build_dataset, build_transform
+
+    val = build_dataset(cfg.data, "val", build_transform("eval", 16, cfg.data)).subset(11)
+    batches = list(backend.eval_loader(val))
+    per_call = backend.plan.eval_samples_per_call  # micro 2 x eval DI 2
+    assert per_call == 4 and len(batches) == 3 and (batches[-1][1] == -1).sum() == 1
+    stats = [backend.eval_call(images, labels) for images, labels in batches]
+    assert sum(s.samples for s in stats) == 11
+    assert fake.STATE.attached is backend.eval_models[16]  # the training model is not attached meanwhile
+    backend.close()
+    assert fake.STATE.attached is None
+
+
 @needs_half
 def test_host_model_keeps_fp32_weights_and_syncs(fake):
     cfg = tiny("precision.compute='16.16'")
@@ -229,6 +286,24 @@ def test_without_poprun_one_process_drives_every_replica(fake):
         backend = make_backend(tiny("ipu.replicas=4", "ipu.instances=2"))
     assert backend.plan.local_replicas == 4 and backend.train_opts.replication_factor == 4
     assert backend.global_batch == 2 * 3 * 4 and backend.world_size == 1
+    # Several instances in the recipe: compiled executables are cached for all of them.
+    assert backend.train_opts._Popart.options["cachePath"] == "runs/executable-cache"
+    backend.close()
+
+
+def test_without_poprun_the_ipus_of_every_replica_must_fit_one_process(fake):
+    with pytest.warns(UserWarning, match="not started by poprun"):
+        with pytest.raises(ConfigError, match=r"ipu.replicas: 6 over ipu.instances: 1 host process\(es\) \(this "
+                                              r"process was not started by poprun.*= 12 IPUs in one process"):
+            make_backend(tiny("ipu.replicas=6", "ipu.instances=3"))  # 4 IPUs per instance, 12 in one process
+
+
+def test_poptorch_cache_dir_reaches_the_options(fake, monkeypatch):
+    monkeypatch.setenv("POPTORCH_CACHE_DIR", "/localdata/cache")
+    with pytest.warns(UserWarning, match="not started by poprun"):
+        backend = make_backend(tiny("ipu.replicas=2", "ipu.instances=2"))
+    assert backend.train_opts._Popart.options["cachePath"] == "/localdata/cache"
+    assert backend.eval_opts._Popart.options["enableEngineCaching"] is True
     backend.close()
 
 
@@ -265,6 +340,10 @@ def test_pod_launch_must_match_the_recipe(monkeypatch):
     install(monkeypatch, popdist=dict(POD, ipus_per_replica=1))
     with pytest.raises(BackendError, match="--ipus-per-replica 1"):
         make_backend(tiny("ipu.replicas=2", "ipu.instances=2"))
+    install(monkeypatch, popdist=dict(POD, instance=0, total_replicas=6))  # 3 replicas x 2 IPUs per instance
+    with pytest.warns(UserWarning, match="poprun launched 2 instances"):
+        with pytest.raises(ConfigError, match=r"\(poprun launched 2\) puts 3 replica\(s\) x 2 IPU\(s\) = 6 IPUs"):
+            make_backend(tiny("ipu.replicas=6", "ipu.instances=3"))
 
 
 # ------------------------------------------------------------------------------------------- end to end

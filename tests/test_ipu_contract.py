@@ -375,7 +375,7 @@ def test_a_few_training_steps_and_validation(impl, tmp_path, pipeline):
         assert train_main(_args(items)) == 0
     (run,) = tmp_path.iterdir()
     state = load_checkpoint(run / "checkpoints" / "train-final.pt")
-    assert state["backend"]["kind"] == "ipu"
+    assert state["backend"]["kind"] == "ipu" and state["backend"]["optimizer"]["state"]
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/top1@16" in m for m in metrics)
