@@ -3,8 +3,8 @@
 Every test takes ``impl``, parametrised by implementation: ``fake`` (tests/fake_poptorch, everywhere) and ``real``
 (the Poplar SDK's ``poptorch``, wherever it imports; skipped elsewhere). The same assertions run on both, so the
 fake cannot drift from PopTorch without a test failing on an SDK machine. Tests that need IPUs (device rules,
-training steps) run for ``real`` only where IPUs are found or ``POPTORCH_IPU_MODEL=1`` is set; offline compiles
-need no IPU. The fake's errors are checked by type and message; PopTorch's types and wording are its own, so for
+training steps) run for ``real`` only where IPUs are found or ``POPTORCH_IPU_MODEL=1`` is set, and assume as many
+IPUs as they ask for (up to 8); offline compiles need no IPU. The fake's errors are checked by type and message; PopTorch's types and wording are its own, so for
 ``real`` any exception counts as a refusal.
 """
 

@@ -1,11 +1,12 @@
 """A strict stand-in for PopTorch 3.4 (with PopDist and Horovod), for tests on machines without the Poplar SDK.
 
 It mirrors **PopTorch 3.4.0** (tag ``sdk/poptorch/3.4.0``, branch ``sdk-release-3.4``; torch 2.0.1) for exactly
-what this project calls, and nothing else: a call the project does not make raises ``AttributeError``. Each rule
+what this project calls, and nothing else: a member the project does not use raises ``AttributeError``, an
+argument it does not pass a ``PoptorchError`` that says the fake does not model it. Each rule
 below names where PopTorch implements it, so a reader with the PopTorch sources can re-check it (paths are
 relative to the PopTorch repository; where only a function is named, ``grep -rn "def NAME" python/`` finds it).
 
-Options (``python/options.py``)
+Options (``python/options.py`` and the ``python/_options_impl.py`` it imports)
   - ``OptionsDict.set``: known attributes only, values of the default's type (``np.int64`` is not an ``int``);
     ``trainingModel``/``inferenceModel``/``DataLoader`` freeze the Options they are given ("Can't modify frozen
     Options"); ``clone()`` is an unfrozen deep copy.
@@ -33,7 +34,8 @@ Compiling (``python/_poplar_executor.py``, ``popart_compiler/source/Compiler.cpp
     needs gradient accumulation >= 2 x stages - 1, inference device iterations >= stages, and an inference model
     gradient accumulation 1.
   - IPUs per process = (highest ``ipu_id`` + 1) x ``replicationFactor``: at most 64
-    (``assertSingleInstanceMaxNumIPUs``) and, when acquiring real IPUs, a power of two unless
+    (``assertSingleInstanceMaxNumIPUs``; the fake applies it to offline targets too, which is not confirmed)
+    and, when acquiring real IPUs, a power of two unless
     ``autoRoundNumIPUs(True)``; offline targets (``useOfflineIpuTarget``) skip the power-of-two rule.
   - Inputs: the batch dimension divisible by device iterations x replicas x accumulation
     (``PoplarExecutor._narrow_tensor``); a compiled model only takes the shapes it was compiled for. Only one
