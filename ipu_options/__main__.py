@@ -7,8 +7,9 @@ PopTorch nor IPUs, and it validates the recipe exactly as a run would (a mistake
 naming the key).
 
 ``--compile-only`` compiles every phase's training and validation executables against an offline IPU target
-(``opts.useOfflineIpuTarget``): no IPU is needed, but PopTorch (the Poplar SDK) is. With ``ipu.executable_cache``
-set, a later run loads the compiled executables from the cache instead of compiling again.
+(``opts.useOfflineIpuTarget``): no IPU is needed, but PopTorch (the Poplar SDK) is. PopTorch skips its device-size
+rules for offline targets; the recipe check that runs first covers them. With an executable cache (see
+``ipu.executable_cache``), a later run loads the compiled executables instead of compiling again.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class IpuConfig:
         "help": "default for stages that do not set one: one value for every stage, or a list with one per "
                 "stage; null = PopTorch's default (0.6)"})
     auto_round_num_ipus: bool = field(default=False, metadata={
-        "help": "allow IPUs per replica that are not a power of two (PopTorch rounds the allocation up)"})
+        "help": "allow a process to use a number of IPUs (IPUs per replica x its replicas) that is not a power of "
+                "two: PopTorch rounds the allocation up"})
     recomputation: Recomputation = field(default="auto", metadata={
         "help": "PopART autoRecomputation. auto: PopTorch's default (pipeline recomputation when pipelined) and, "
                 "on one IPU with a recompute stage, explicit recomputation between the checkpoints"})
@@ -117,7 +118,9 @@ class IpuConfig:
     rebatched_worker_size: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "AsyncRebatched: samples per worker batch (<= one host call); null = PopTorch's"})
     executable_cache: Optional[str] = field(default=None, metadata={
-        "help": "folder for compiled executables (reused when nothing changed); null = $POPTORCH_CACHE_DIR or none"})
+        "help": "folder for compiled executables (reused when nothing changed); null = $POPTORCH_CACHE_DIR (read "
+                "by PopTorch itself), else <logging.run_dir>/executable-cache when ipu.instances > 1 (every poprun "
+                "instance would otherwise compile the same graphs), else none"})
     offline_ipu_version: int = field(default=2, metadata={"min": 1, "help": "IPU generation for --compile-only"})
     synthetic_data: bool = field(default=False, metadata={
         "help": "no host-to-IPU input copies (random data on the device): throughput tests only"})

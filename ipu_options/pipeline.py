@@ -29,7 +29,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def annotate_pipeline(model: nn.Module, stages: Sequence[StagePlan], poptorch: ModuleType) -> List[str]:
     """``poptorch.BeginBlock`` on each stage's first module (user id ``stage<i>``, ``ipu_id`` from the config),
-    and ``poptorch.recomputationCheckpoint`` on the outputs of the modules of every ``recompute`` stage.
+    and ``poptorch.recomputationCheckpoint`` on the outputs of the modules of every ``recompute`` stage (in
+    training mode only: the inference model traces the same network in eval mode).
 
     Returns the names of the checkpointed modules. BeginBlock modifies the module in place and raises if it
     already has a block, so a network is annotated once.
@@ -50,8 +51,10 @@ def annotate_pipeline(model: nn.Module, stages: Sequence[StagePlan], poptorch: M
 
 
 def _checkpoint_hook(poptorch: ModuleType):
-    def hook(_module: nn.Module, _inputs, output):
-        return poptorch.recomputationCheckpoint(output)
+    def hook(module: nn.Module, _inputs, output):
+        # Checkpoints only mean something where there is a backward pass: the inference model shares this
+        # network and is traced in eval mode, so its graph gets none.
+        return poptorch.recomputationCheckpoint(output) if module.training else None
 
     return hook
 

@@ -18,8 +18,10 @@ Training and validation get separate lists, as PopTorch requires: validation run
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from models.config import ModelConfig
 from models.efficientnet import block_plan
@@ -30,6 +32,9 @@ from .config import PHASE_FIELDS, IpuConfig, PipelineStage
 RECOMPUTATION_TYPE = {"none": 0, "standard": 1, "norm_only": 2, "pipeline": 3, "recompute_all": 4}
 OUTER_FRAGMENT_SCHEDULE = {"scheduler": 0, "serial": 1, "overlap_cycles": 2, "overlap_memory": 3}
 IPU_PRECISIONS = ("16.16", "16.32", "fp32")
+# PopTorch attaches at most this many IPUs to one process; larger jobs need poprun (see docs/ipu.md).
+MAX_IPUS_PER_PROCESS = 64
+CACHE_ENV = "POPTORCH_CACHE_DIR"  # read by poptorch.Options() itself
 
 
 def _config_error(message: str) -> Exception:
@@ -127,6 +132,15 @@ class IpuPhasePlan:
     eval_micro_batch_size: int
     seed: int
     settings: IpuConfig  # the merged section (phase overrides applied)
+    # False only where nothing needs the optimizer state off the device: PopART's optimizer-state streams are then
+    # removed (disableOptimizerStateTensorStreams), and checkpoints hold the weights only (see docs/ipu.md).
+    keep_optimizer_state: bool = True
+    executable_cache: Optional[str] = None  # the folder enableExecutableCaching is given (None: no call)
+
+    @property
+    def ipus_per_process(self) -> int:
+        """IPUs one host process attaches: IPUs per replica x that process's replicas."""
+        return self.ipus_per_replica * self.local_replicas
 
     @property
     def local_replicas(self) -> int:
@@ -169,9 +183,12 @@ class IpuPhasePlan:
             "micro_batch_size": self.micro_batch_size, "gradient_accumulation": self.gradient_accumulation,
             "device_iterations": self.device_iterations, "replicas": self.replicas, "instances": self.instances,
             "local_replicas": self.local_replicas, "ipus_per_replica": self.ipus_per_replica,
-            "ipus": self.ipus_per_replica * self.replicas, "global_batch": self.global_batch,
+            "ipus_per_process": self.ipus_per_process, "ipus": self.ipus_per_replica * self.replicas,
+            "global_batch": self.global_batch,
             "samples_per_host_call": self.samples_per_call, "steps_per_host_call": self.device_iterations,
             "stages": [s.to_json() for s in self.stages],
+            "optimizer_state_in_checkpoints": self.keep_optimizer_state,
+            "executable_cache": self.executable_cache or os.environ.get(CACHE_ENV),
         }
 
 
@@ -204,7 +221,55 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _short_list(names: Sequence[str]) -> str:
+def check_ipus_per_process(plan: IpuPhasePlan, keys: Dict[str, str], why: str = "") -> None:
+    """PopTorch's device rule, on the IPUs one process attaches (IPUs per replica x local replicas): a power of
+    two unless ``auto_round_num_ipus`` (PopTorch then rounds the allocation up), and at most 64. PopTorch skips
+    the power-of-two rule for offline targets, so ``--compile-only`` alone would not catch it: it is checked here
+    for every run (see docs/ipu.md). ``why`` explains an instance count that differs from the config's."""
+    per_replica, n = plan.ipus_per_replica, plan.ipus_per_process
+    auto = plan.settings.auto_round_num_ipus
+    auto_key, replicas_key = keys["auto_round_num_ipus"], keys["replicas"]
+    if not auto and not _is_power_of_two(per_replica):
+        raise _config_error(f"{keys['pipeline']}: the pipeline uses {per_replica} IPUs per replica, so no number of "
+                            "replicas gives a process a power of two of IPUs, which PopTorch needs on hardware; "
+                            f"use 1, 2, 4, 8, 16, 32 or 64 IPUs per replica, or {auto_key}: true, which rounds the "
+                            "allocation up")
+    if n <= MAX_IPUS_PER_PROCESS and (auto or _is_power_of_two(n)):
+        return
+    choices = [k * plan.instances for k in range(1, MAX_IPUS_PER_PROCESS // per_replica + 1)
+               if auto or _is_power_of_two(k * per_replica)]
+    where = (f"{replicas_key}: {plan.replicas} over ipu.instances: {plan.instances} host process(es){why} puts "
+             f"{plan.local_replicas} replica(s) x {per_replica} IPU(s) = {n} IPUs in one process")
+    if n > MAX_IPUS_PER_PROCESS:
+        rule = (f"PopTorch attaches at most {MAX_IPUS_PER_PROCESS} IPUs to one process (more need distributed "
+                "execution: more poprun instances)")
+    else:
+        rule = (f"PopTorch attaches a power of two of IPUs to one process on hardware, unless {auto_key}: true "
+                "rounds the allocation up")
+    allowed = f"{replicas_key} for this layout: {_short_list(map(str, choices))}" if choices else \
+        f"no {replicas_key} fits this pipeline in {MAX_IPUS_PER_PROCESS} IPUs"
+    raise _config_error(f"{where}; {rule}; valid {allowed}")
+
+
+def validates_mid_phase(cfg: Any, phase: Any) -> bool:
+    """True when the loop validates before the phase's last epoch (every ``train.validate_every`` epochs): the
+    training model is then detached from the IPUs and attached again while it still has steps to run."""
+    return int(cfg.train.validate_every) < int(phase.epochs)
+
+
+def executable_cache(cfg: Any, instances: int) -> Optional[str]:
+    """The folder to pass to ``enableExecutableCaching``: ``ipu.executable_cache``; else none when
+    ``$POPTORCH_CACHE_DIR`` is set (``poptorch.Options()`` reads it itself); else, for a recipe with several host
+    processes, ``<logging.run_dir>/executable-cache``, shared by every instance and by later runs (without a cache
+    every poprun instance compiles the same graphs, and PopTorch warns that this can exhaust host memory)."""
+    if cfg.ipu.executable_cache:
+        return str(cfg.ipu.executable_cache)
+    if os.environ.get(CACHE_ENV) or instances == 1:
+        return None
+    return str(Path(cfg.logging.run_dir) / "executable-cache")
+
+
+def _short_list(names: Iterable[str]) -> str:
     return ", ".join(names)
 
 
@@ -218,7 +283,7 @@ def resolve_stages(settings: IpuConfig, keys: Dict[str, str], names: Sequence[st
     if isinstance(default, list) and len(default) != len(pipeline):
         raise _config_error(f"{amp_key}: {default} has {len(default)} values for {len(pipeline)} pipeline "
                             f"stage(s) ({pipe_key}); give one number for all stages or one per stage")
-    positions = []
+    positions: List[int] = []
     for i, stage in enumerate(pipeline):
         key = f"{pipe_key}[{i}]"
         if stage.start not in names:
@@ -279,10 +344,6 @@ def resolve_phase(cfg: Any, phase: Any) -> IpuPhasePlan:
         raise _config_error("train.progressive: progressive resizing changes the input shape within a phase, and "
                             "every shape is a separate IPU executable; use it with train.backend: torch, or the "
                             "two-phase reduced-resolution recipe (train.resolution + finetune) on IPUs")
-    if n_ipus > 1 and not _is_power_of_two(n_ipus) and not settings.auto_round_num_ipus:
-        raise _config_error(f"{keys['pipeline']}: the pipeline uses {n_ipus} IPUs per replica; PopTorch needs a "
-                            f"power of two (1, 2, 4, 8, ...) unless {keys['auto_round_num_ipus']}: true, which "
-                            "rounds the allocation up")
     ga = phase.gradient_accumulation
     if n_ipus > 1 and ga < 2 * n_ipus - 1:
         raise _config_error(f"{section}.gradient_accumulation: {ga} is too small for a {n_ipus}-stage pipeline "
@@ -304,7 +365,10 @@ def resolve_phase(cfg: Any, phase: Any) -> IpuPhasePlan:
         device_iterations=settings.device_iterations, replicas=settings.replicas, instances=settings.instances,
         stages=stages, eval_device_iterations=eval_di,
         eval_micro_batch_size=settings.eval_micro_batch_size or phase.micro_batch_size,
-        seed=int(cfg.train.seed), settings=settings)
+        seed=int(cfg.train.seed), settings=settings,
+        keep_optimizer_state=bool(cfg.checkpoint.optimizer_state) or validates_mid_phase(cfg, phase),
+        executable_cache=executable_cache(cfg, settings.instances))
+    check_ipus_per_process(plan, keys)
     rws = settings.rebatched_worker_size
     if rws is not None and rws > plan.samples_per_call:
         raise _config_error(f"{keys['rebatched_worker_size']}: {rws} exceeds the {plan.samples_per_call} samples "
@@ -328,8 +392,8 @@ def _common_calls(plan: IpuPhasePlan, *, training: bool, popdist: bool, offline:
         calls.append(Call("Training.accumulationAndReplicationReductionType", (Symbol("ReductionType.Mean"),)))
     calls.append(Call("outputMode", (Symbol("OutputMode.All"),)))
     calls.append(Call("randomSeed", (int(plan.seed),)))
-    if s.executable_cache:
-        calls.append(Call("enableExecutableCaching", (str(s.executable_cache),)))
+    if plan.executable_cache:
+        calls.append(Call("enableExecutableCaching", (plan.executable_cache,)))
     if s.auto_round_num_ipus:
         calls.append(Call("autoRoundNumIPUs", (True,)))
     if offline:
@@ -343,8 +407,9 @@ def _common_calls(plan: IpuPhasePlan, *, training: bool, popdist: bool, offline:
     calls.append(Call("Precision.setPartialsType", (Symbol("torch.float16" if partials == "half"
                                                            else "torch.float32"),)))
     if training and s.conv_dithering:
+        # A string-to-string map, like engineOptions: Poplar parses "true" itself.
         calls.append(Call("_Popart.set", ("convolutionOptions", {"partialsType": partials,
-                                                                 "enableConvDithering": True})))
+                                                                 "enableConvDithering": "true"})))
     if training:
         calls.append(Call("Precision.enableStochasticRounding", (bool(s.stochastic_rounding),)))
     calls.append(Call("enableStableNorm", (bool(s.stable_norm),)))
@@ -353,7 +418,7 @@ def _common_calls(plan: IpuPhasePlan, *, training: bool, popdist: bool, offline:
     amp = plan.memory_proportions()
     if amp:
         calls.append(Call("setAvailableMemoryProportion", (amp,)))
-    engine = {"opt.internalExchangeOptimisationTarget": s.exchange_target}
+    engine: Dict[str, str] = {"opt.internalExchangeOptimisationTarget": s.exchange_target}
     if s.deterministic_workers:
         engine["target.deterministicWorkers"] = "portable"
     if s.profile_dir:
@@ -385,7 +450,10 @@ def training_calls(plan: IpuPhasePlan, *, popdist: bool = False, offline: bool =
         calls.append(Call("Training.setAutomaticLossScaling", (True,)))
     calls.append(Call("_Popart.set", ("scheduleNonWeightUpdateGradientConsumersEarly", True)))
     calls.append(Call("_Popart.set", ("disableGradAccumulationTensorStreams", True)))
-    calls.append(Call("_Popart.set", ("disableOptimizerStateTensorStreams", True)))
+    if not plan.keep_optimizer_state:
+        # Graphcore's setting, for speed: the optimizer state then lives only on the device, so it can neither
+        # be checkpointed nor survive a detach (resolve_phase allows this only where neither happens; docs/ipu.md).
+        calls.append(Call("_Popart.set", ("disableOptimizerStateTensorStreams", True)))
     if plan.replicas > 1:
         calls.append(Call("_Popart.set", ("accumulateOuterFragmentSettings.schedule",
                                           OUTER_FRAGMENT_SCHEDULE[s.outer_fragment_schedule])))
@@ -458,6 +526,7 @@ def describe(cfg: Any, config_path: Optional[str] = None) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["Call", "IpuPhasePlan", "New", "StagePlan", "Symbol", "calls_to_json", "constructor", "describe",
-           "launch_command", "needs_own_launch", "phase_settings", "resolve_phase", "resolve_stages", "split_names",
-           "training_calls", "validation_calls"]
+__all__ = ["Call", "IpuPhasePlan", "New", "StagePlan", "Symbol", "calls_to_json", "check_ipus_per_process",
+           "constructor", "describe", "executable_cache", "launch_command", "needs_own_launch", "phase_settings",
+           "resolve_phase", "resolve_stages", "split_names", "training_calls", "validates_mid_phase",
+           "validation_calls"]

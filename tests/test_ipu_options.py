@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List, Set, Tuple
 
 import pytest
 import torch
@@ -26,6 +27,12 @@ SMALL = ["train.backend=ipu", "model.name=efficientnet-b0", "model.group_dim=16"
          "ipu.pipeline=[{start: stem, ipu: 0}, {start: blocks.3.0, ipu: 1}]"]
 
 
+@pytest.fixture(autouse=True)
+def _no_cache_env(monkeypatch):
+    """``$POPTORCH_CACHE_DIR`` changes the executable-cache calls; these tests set it themselves."""
+    monkeypatch.delenv("POPTORCH_CACHE_DIR", raising=False)
+
+
 def plans(cfg):
     return [resolve_phase(cfg, phase) for phase in run_phases(cfg)]
 
@@ -43,7 +50,7 @@ def _build_cheaply(model_cfg):
         return build_model(model_cfg)
 
 
-_SPLITS = {}
+_SPLITS: Dict[Tuple, Tuple[List[str], Set[str]]] = {}
 
 
 def real_split_points(model_cfg):
@@ -75,8 +82,8 @@ def test_recipe_pipeline_validates_against_the_real_model(path):
         for stage in plan.stages:
             assert stage.start in modules  # the module BeginBlock will wrap exists
             assert stage.available_memory_proportion is None or 0 < stage.available_memory_proportion <= 1
-        n = plan.ipus_per_replica
-        assert n & (n - 1) == 0
+        n, per_process = plan.ipus_per_replica, plan.ipus_per_process
+        assert n & (n - 1) == 0 and per_process & (per_process - 1) == 0 and per_process <= 64
         if n > 1:
             assert plan.gradient_accumulation >= 2 * n - 1
         assert plan.eval_device_iterations >= n
@@ -160,8 +167,25 @@ ERRORS = [
      "ipu.pipeline[2].ipu: 0 after IPU 1"),
     (["ipu.pipeline=[{start: stem, ipu: 0}, {start: blocks.2.0, ipu: 1}, {start: blocks.4.0, ipu: 2}]",
       "train.gradient_accumulation=5"],
-     "ipu.pipeline: the pipeline uses 3 IPUs per replica; PopTorch needs a power of two (1, 2, 4, 8, ...) unless "
+     "ipu.pipeline: the pipeline uses 3 IPUs per replica, so no number of replicas gives a process a power of two "
+     "of IPUs, which PopTorch needs on hardware; use 1, 2, 4, 8, 16, 32 or 64 IPUs per replica, or "
      "ipu.auto_round_num_ipus: true"),
+    (["ipu.replicas=3", "ipu.instances=1"],
+     "ipu.replicas: 3 over ipu.instances: 1 host process(es) puts 3 replica(s) x 2 IPU(s) = 6 IPUs in one process; "
+     "PopTorch attaches a power of two of IPUs to one process on hardware, unless ipu.auto_round_num_ipus: true "
+     "rounds the allocation up; valid ipu.replicas for this layout: 1, 2, 4, 8, 16, 32"),
+    (["ipu.replicas=12", "ipu.instances=2"],
+     "ipu.replicas: 12 over ipu.instances: 2 host process(es) puts 6 replica(s) x 2 IPU(s) = 12 IPUs in one "
+     "process; PopTorch attaches a power of two of IPUs to one process on hardware, unless ipu.auto_round_num_ipus: "
+     "true rounds the allocation up; valid ipu.replicas for this layout: 2, 4, 8, 16, 32, 64"),
+    (["ipu.replicas=64", "ipu.instances=1"],
+     "ipu.replicas: 64 over ipu.instances: 1 host process(es) puts 64 replica(s) x 2 IPU(s) = 128 IPUs in one "
+     "process; PopTorch attaches at most 64 IPUs to one process (more need distributed execution: more poprun "
+     "instances); valid ipu.replicas for this layout: 1, 2, 4, 8, 16, 32"),
+    (["ipu.replicas=48", "ipu.instances=1", "ipu.auto_round_num_ipus=true"],
+     "= 96 IPUs in one process; PopTorch attaches at most 64 IPUs to one process"),
+    (["finetune.enabled=true", "finetune.gradient_accumulation=3", "ipu.finetune={replicas: 3}"],
+     "ipu.finetune.replicas: 3 over ipu.instances: 1 host process(es) puts 3 replica(s) x 2 IPU(s) = 6 IPUs"),
     (["train.gradient_accumulation=2"],
      "train.gradient_accumulation: 2 is too small for a 2-stage pipeline (ipu.pipeline); PopTorch needs at least "
      "2 x stages - 1 = 3"),
@@ -204,6 +228,15 @@ def test_auto_round_allows_three_ipus_and_asks_poptorch_to_round():
                           "{start: blocks.4.0, ipu: 2}]", "train.gradient_accumulation=5",
                           "ipu.auto_round_num_ipus=true"))
     assert Call("autoRoundNumIPUs", (True,)) in training_calls(plan)
+    (plan,) = plans(small("ipu.replicas=3", "ipu.auto_round_num_ipus=true"))  # 6 IPUs, rounded up to 8
+    assert plan.ipus_per_process == 6 and Call("autoRoundNumIPUs", (True,)) in training_calls(plan)
+
+
+def test_the_power_of_two_rule_is_on_the_ipus_of_one_process():
+    (plan,) = plans(small("ipu.replicas=6", "ipu.instances=3"))  # 2 replicas x 2 IPUs per process
+    assert (plan.ipus_per_replica, plan.local_replicas, plan.ipus_per_process) == (2, 2, 4)
+    (plan,) = plans(small("ipu.replicas=32", "ipu.instances=1"))  # a whole POD64 from one process
+    assert plan.ipus_per_process == 64
 
 
 def test_unknown_finetune_override_key_is_rejected():
@@ -212,6 +245,9 @@ def test_unknown_finetune_override_key_is_rejected():
 
 
 # ------------------------------------------------------------------------------------------ option plans
+CACHE = Call("enableExecutableCaching", ("runs/executable-cache",))  # the recipes have 4 or 16 instances
+
+
 def expected_b0_training(popdist: bool, ga: int, amp: dict) -> list:
     head = [] if popdist else [Call("Distributed.disable"), Call("replicationFactor", (2,))]
     return head + [
@@ -220,6 +256,7 @@ def expected_b0_training(popdist: bool, ga: int, amp: dict) -> list:
         Call("Training.accumulationAndReplicationReductionType", (Symbol("ReductionType.Mean"),)),
         Call("outputMode", (Symbol("OutputMode.All"),)),
         Call("randomSeed", (0,)),
+        CACHE,
         Call("modelName", ("training",)),
         Call("Precision.setPartialsType", (Symbol("torch.float16"),)),
         Call("Precision.enableStochasticRounding", (False,)),
@@ -229,7 +266,6 @@ def expected_b0_training(popdist: bool, ga: int, amp: dict) -> list:
                                                "target.deterministicWorkers": "portable"})),
         Call("_Popart.set", ("scheduleNonWeightUpdateGradientConsumersEarly", True)),
         Call("_Popart.set", ("disableGradAccumulationTensorStreams", True)),
-        Call("_Popart.set", ("disableOptimizerStateTensorStreams", True)),
         Call("_Popart.set", ("accumulateOuterFragmentSettings.schedule", 3)),
         Call("_Popart.set", ("replicatedCollectivesSettings.prepareScheduleForMergingCollectives", True)),
         Call("_Popart.set", ("replicatedCollectivesSettings.mergeAllReduceCollectives", True)),
@@ -246,6 +282,7 @@ def test_pod16_b0_recipe_option_calls_in_both_phases(popdist):
         Call("deviceIterations", (2,)),  # >= 2 pipeline stages
         Call("outputMode", (Symbol("OutputMode.All"),)),
         Call("randomSeed", (0,)),
+        CACHE,
         Call("modelName", ("inference",)),
         Call("Precision.setPartialsType", (Symbol("torch.float16"),)),
         Call("enableStableNorm", (True,)),
@@ -271,7 +308,7 @@ def test_conv_options_are_merged_not_clobbered():
     paths = [c.path for c in calls]
     partials = paths.index("Precision.setPartialsType")
     merged = calls.index(Call("_Popart.set", ("convolutionOptions", {"partialsType": "half",
-                                                                     "enableConvDithering": True})))
+                                                                     "enableConvDithering": "true"})))
     assert merged > partials  # set last, with the partials type kept
     assert "Training.setConvolutionDithering" not in paths
 
@@ -304,6 +341,48 @@ def test_optimizer_state_location_and_offline_target():
     assert Call("useOfflineIpuTarget", (2,)) not in validation_calls(plan)
 
 
+STREAMS_OFF = Call("_Popart.set", ("disableOptimizerStateTensorStreams", True))
+
+
+@pytest.mark.parametrize("checkpointed,epochs,validate_every,streams", [
+    (True, 3, 1, True),    # checkpoints need the optimizer state
+    (False, 3, 1, True),   # validation detaches the training model mid-phase: the state must leave the device
+    (False, 3, 3, False),  # nothing needs it off the device: PopART's optimizer-state streams go
+    (False, 1, 1, False),
+])
+def test_optimizer_state_streams_stay_wherever_the_state_must_leave_the_device(checkpointed, epochs,
+                                                                                validate_every, streams):
+    (plan,) = plans(small(f"checkpoint.optimizer_state={str(checkpointed).lower()}", f"train.epochs={epochs}",
+                          f"train.validate_every={validate_every}"))
+    assert plan.keep_optimizer_state is streams
+    assert (STREAMS_OFF in training_calls(plan)) is not streams
+    assert STREAMS_OFF not in validation_calls(plan)
+
+
+def test_the_paper_recipes_keep_the_optimizer_state_in_both_phases_by_default():
+    for phase in plans(load_config(str(B0_HALF))):
+        assert phase.keep_optimizer_state and STREAMS_OFF not in training_calls(phase)
+    train, fine = plans(load_config(str(B0_HALF), ["checkpoint.optimizer_state=false"]))
+    assert train.keep_optimizer_state  # 350 epochs, validated every 4
+    assert not fine.keep_optimizer_state and STREAMS_OFF in training_calls(fine)  # 2 epochs, validated at the end
+
+
+def test_executable_cache_defaults_for_multi_process_recipes(monkeypatch):
+    single = small()
+    (plan,) = plans(single)
+    assert plan.executable_cache is None
+    assert not any(c.path == "enableExecutableCaching" for c in training_calls(plan) + validation_calls(plan))
+    (plan,) = plans(small("ipu.replicas=4", "ipu.instances=2", "logging.run_dir=/scratch/runs"))
+    assert plan.executable_cache == "/scratch/runs/executable-cache"
+    assert Call("enableExecutableCaching", ("/scratch/runs/executable-cache",)) in validation_calls(plan)
+    (plan,) = plans(small("ipu.executable_cache=/localdata/cache"))
+    assert Call("enableExecutableCaching", ("/localdata/cache",)) in training_calls(plan)
+    monkeypatch.setenv("POPTORCH_CACHE_DIR", "/localdata/env-cache")  # poptorch.Options() reads it itself
+    (plan,) = plans(small("ipu.replicas=4", "ipu.instances=2"))
+    assert plan.executable_cache is None and plan.to_json()["executable_cache"] == "/localdata/env-cache"
+    assert not any(c.path == "enableExecutableCaching" for c in training_calls(plan))
+
+
 # ---------------------------------------------------------------------------------------------- describe
 def test_describe_prints_one_json_document_for_both_phases(capsys):
     assert ipu_main(["--config", str(B0_HALF), "--describe"]) == 0
@@ -324,6 +403,14 @@ def test_describe_prints_one_json_document_for_both_phases(capsys):
     assert {"call": "outputMode", "args": ["OutputMode.All"]} in calls
     assert {"call": "outputMode", "args": ["OutputMode.All"]} in fine["validation"]["options"]["calls"]
     assert fine["validation"]["device_iterations"] == 2
+    assert (train["ipus_per_process"], train["executable_cache"]) == (4, "runs/executable-cache")
+    assert train["optimizer_state_in_checkpoints"] is True
+
+
+def test_describe_refuses_more_ipus_in_one_process_than_poptorch_attaches(capsys):
+    args = ["--config", str(B0_HALF), "--set", "ipu.replicas=3", "--set", "ipu.instances=1", "--describe"]
+    assert ipu_main(args) == 2
+    assert "= 6 IPUs in one process" in capsys.readouterr().err
 
 
 def test_describe_reports_config_errors_with_exit_code_2(capsys):

@@ -173,6 +173,11 @@ class CheckpointConfig:
     every_epochs: int = field(default=1, metadata={"min": 1, "help": "save at the end of every N epochs"})
     every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also save every N optimizer steps"})
     keep: int = field(default=2, metadata={"min": 1, "help": "newest step checkpoints kept (phase ends are kept)"})
+    optimizer_state: bool = field(default=True, metadata={
+        "help": "IPU: checkpoints must hold the device's optimizer state, so --resume continues it exactly; false "
+                "lets the IPU backend drop PopART's optimizer-state streams in phases that do not validate before "
+                "their end (Graphcore's setting, for speed; not measured here): their checkpoints then hold weights "
+                "only and a resume restarts the optimizer state (docs/ipu.md). The torch backend always saves it"})
 
 
 @dataclass

@@ -1,32 +1,83 @@
-"""A strict stand-in for PopTorch 3.4, PopDist and Horovod, for tests on machines without the Poplar SDK.
+"""A strict stand-in for PopTorch 3.4 (with PopDist and Horovod), for tests on machines without the Poplar SDK.
 
-It mirrors the documented API (``/work/shared/reference/poptorch-api.md``) closely enough to catch the mistakes
-that would only show on an IPU machine:
+It mirrors **PopTorch 3.4.0** (tag ``sdk/poptorch/3.4.0``, branch ``sdk-release-3.4``; torch 2.0.1) for exactly
+what this project calls, and nothing else: a member the project does not use raises ``AttributeError``, an
+argument it does not pass a ``PoptorchError`` that says the fake does not model it. Each rule
+below names where PopTorch implements it, so a reader with the PopTorch sources can re-check it (paths are
+relative to the PopTorch repository; where only a function is named, ``grep -rn "def NAME" python/`` finds it).
 
-- options are typed (``isinstance(value, type(default))``, so ``np.int64`` device iterations fail), unknown
-  attributes raise ``AttributeError``, and frozen options raise ``AttributeError("Can't modify frozen Options")``;
-  ``trainingModel``/``inferenceModel``/``DataLoader`` freeze the options they are given;
-- ``BeginBlock`` refuses a module that already has a block; ``identity_loss`` asserts its reduction, and a
-  training forward must return the loss it marked; ``inferenceModel`` needs gradient accumulation 1;
-- compiling checks the pipeline rules: IPUs per replica a power of two (unless ``autoRoundNumIPUs``), training
-  accumulation >= 2 x stages - 1, inference device iterations >= stages, a combined batch divisible by
-  device iterations x replicas x accumulation; only one model can be attached to the IPUs at a time;
-- ``poptorch.optim`` optimizers take their extras as keywords and check accumulator dtypes.
+Options (``python/options.py`` and the ``python/_options_impl.py`` it imports)
+  - ``OptionsDict.set``: known attributes only, values of the default's type (``np.int64`` is not an ``int``);
+    ``trainingModel``/``inferenceModel``/``DataLoader`` freeze the Options they are given ("Can't modify frozen
+    Options"); ``clone()`` is an unfrozen deep copy.
+  - ``Options.__init__`` reads ``$POPTORCH_CACHE_DIR`` (``enableExecutableCaching``) and, through
+    ``_DistributedOptions.setEnvVarNames("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")``, the MPI size and rank.
+  - ``setAvailableMemoryProportion``: keys ``IPU<n>``, numbers (ints too).
+  - ``_PopartOptions.set`` stores any key and value; they are checked when the model compiles, by the compiler's
+    option registry (``popart_compiler/source/SessionOptions.cpp``): unknown keys, and values whose kind is not the
+    key's, are refused. How a Python value reaches C++ is taken to follow its type, ``bool`` before ``int`` (the
+    pybind layer, ``python/poptorch.cpp``): bool, unsigned int (``IntEnum`` members included; negative refused),
+    double, string, container of strings (list, tuple, set) or string map. :data:`POPART_OPTIONS` holds only the
+    keys this project sets, and the keys PopTorch's own setters write for it, with the kinds of their values.
+  - ``randomSeed``: the seed reaches the compiler as an unsigned 64-bit integer, so a negative one is refused
+    (the fake refuses it at compile time).
 
-The executors run the wrapped model on the CPU: a training call splits the combined batch into
-device iterations x replicas x accumulation micro-batches and, per device iteration, runs forward and backward
-on each (the loss divided by replicas x accumulation, as ``ReductionType.Mean`` does) and one optimizer step;
-outputs follow ``outputMode``. ``install(monkeypatch)`` puts fresh ``poptorch``, ``popdist`` and ``horovod``
-modules into ``sys.modules``.
+Blocks and ops (the ``poptorch`` package, ``python/``)
+  - ``BeginBlock`` modifies a module in place and refuses one that already has a block; a plain callable gets a
+    wrapper. ``identity_loss`` takes ``"sum"``, ``"mean"`` or ``"none"``. The fake also requires the training
+    forward to return the loss it marked (kept strict: not confirmed either way for 3.x).
+  - ``recomputationCheckpoint`` returns its tensors (a single list or tuple comes back as the same container).
+
+Compiling (``python/_poplar_executor.py``, ``popart_compiler/source/Compiler.cpp``, ``CompilerImpl.cpp``)
+  - Pipeline stages are counted as changes of IPU between consecutive blocks (the fake takes the modules'
+    registration order as execution order, true for ``nn.Sequential`` and this project's networks): training
+    needs gradient accumulation >= 2 x stages - 1, inference device iterations >= stages, and an inference model
+    gradient accumulation 1.
+  - IPUs per process = (highest ``ipu_id`` + 1) x ``replicationFactor``: at most 64
+    (``assertSingleInstanceMaxNumIPUs``; the fake applies it to offline targets too, which is not confirmed)
+    and, when acquiring real IPUs, a power of two unless
+    ``autoRoundNumIPUs(True)``; offline targets (``useOfflineIpuTarget``) skip the power-of-two rule.
+  - Inputs: the batch dimension divisible by device iterations x replicas x accumulation
+    (``PoplarExecutor._narrow_tensor``); a compiled model only takes the shapes it was compiled for. Only one
+    model can hold the IPUs at a time; ``ConnectionType.Never`` models can only be compiled.
+
+Optimizers (``python/optim.py``)
+  - The constructors have torch 2.0.1's parameters, positional or keyword, then PopTorch's extras; accumulator
+    dtypes must be ``torch.float32`` or ``torch.float16``. ``RMSprop(use_tf_variant=True)`` is TensorFlow's
+    RMSProp (eps inside the square root, the learning rate inside the momentum buffer), implemented here on its
+    own, with the mean square starting at 1 as TensorFlow's does: whether PopART starts it at 1 is not confirmed.
+  - Optimizer state and PopART's ``disableOptimizerStateTensorStreams``: with the streams, ``state_dict()`` after
+    compiling is the device's state, and a detach/attach copies it out and back. Without them the host copy is
+    never updated from the device, and nothing can be uploaded: the fake's ``state_dict()`` then returns the
+    host's copy as it was at compile time, and re-attaching a detached model restarts the device's state (a
+    deduction: the state cannot survive the other executable that used the IPUs in between).
+
+Data (``python/_dataloader.py``)
+  - ``DataLoader``: combined batch = micro x device iterations x (replicas // input group) x accumulation;
+    ``AsyncRebatched`` needs ``rebatched_worker_size`` <= the combined batch; an asynchronous loader cannot be
+    iterated after ``terminate()``.
+
+Enums (``python/enums.py``): ``OutputMode`` Final 0, EveryN 1, All 2, Sum 3, Default 4; ``ReductionType``,
+``DataLoaderMode``, ``ConnectionType``.
+
+PopDist and Horovod (not public sources; the shapes used by Graphcore's examples): ``popdist.poptorch.Options
+(ipus_per_replica=...)`` is a ``poptorch.Options`` whose replication factor and process id come from poprun.
+
+The executors run the wrapped model on the CPU: a training call splits the combined batch into device
+iterations x replicas x accumulation micro-batches and, per device iteration, runs forward and backward on each
+(the loss divided by replicas x accumulation, as ``ReductionType.Mean`` does) and one optimizer step; outputs
+follow ``outputMode``. ``install(monkeypatch)`` puts fresh ``poptorch``, ``popdist`` and ``horovod`` modules into
+``sys.modules``.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import os
 import sys
 import types
-from typing import Any, Dict, List, Optional
+from typing import Any, DefaultDict, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
@@ -53,13 +104,14 @@ class State:
 
 
 STATE = State()
+MAX_IPUS_PER_PROCESS = 64
 
 
 # ------------------------------------------------------------------------------------------------------ enums
 class OutputMode(enum.IntEnum):
-    All = 0
-    Final = 1
-    EveryN = 2
+    Final = 0
+    EveryN = 1
+    All = 2
     Sum = 3
     Default = 4
 
@@ -70,23 +122,10 @@ class ReductionType(enum.IntEnum):
     NoReduction = 2
 
 
-class MeanReductionStrategy(enum.IntEnum):
-    Running = 0
-    Post = 1
-    PostAndLoss = 2
-
-
 class DataLoaderMode(enum.IntEnum):
     Sync = 0
     Async = 1
     AsyncRebatched = 2
-
-
-class SharingStrategy(enum.IntEnum):
-    SharedMemory = 0
-    FileSystem = 1
-    Fork = 2
-    ForkServer = 3
 
 
 class ConnectionType(enum.IntEnum):
@@ -95,22 +134,51 @@ class ConnectionType(enum.IntEnum):
     Never = 2
 
 
-class SyncPattern(enum.IntEnum):
-    Full = 0
-    SinglePipeline = 1
-    ReplicaAndLadder = 2
+# ------------------------------------------------------------------------------------------- PopART options
+BOOL, UINT, DOUBLE, STRING, CONTAINER, MAP = "bool", "unsigned int", "double", "string", "container", "string map"
+
+POPART_OPTIONS = {
+    # Set by this project through _Popart.set (kinds as SessionOptions.cpp registers them).
+    "convolutionOptions": MAP, "engineOptions": MAP, "groupNormStridedChannelGrouping": BOOL,
+    "explicitRecomputation": BOOL, "autoRecomputation": UINT, "scheduleNonWeightUpdateGradientConsumersEarly": BOOL,
+    "disableGradAccumulationTensorStreams": BOOL, "disableOptimizerStateTensorStreams": BOOL,
+    "accumulateOuterFragmentSettings.schedule": UINT,
+    "replicatedCollectivesSettings.prepareScheduleForMergingCollectives": BOOL,
+    "replicatedCollectivesSettings.mergeAllReduceCollectives": BOOL,
+    # Written by the PopTorch setters this project calls (the kinds of the values they pass).
+    "partialsTypeMatMuls": STRING, "enableStochasticRounding": BOOL, "enableStableNorm": BOOL, "cachePath": STRING,
+    "enableEngineCaching": BOOL, "syntheticDataMode": UINT, "automaticLossScalingSettings.enabled": BOOL,
+}
 
 
-class CommGroupType(enum.IntEnum):
-    All = 0
-    Consecutive = 1
-    Orthogonal = 2
-    NoGrouping = 3
+def _value_kind(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return BOOL
+    if isinstance(value, int):
+        return UINT
+    if isinstance(value, float):
+        return DOUBLE
+    if isinstance(value, str):
+        return STRING
+    if isinstance(value, (list, tuple, set)):
+        return CONTAINER
+    if isinstance(value, dict):
+        return MAP
+    raise PoptorchError(f"Unknown value type {type(value).__name__} for option {key}")
 
 
-class AutoStage(enum.IntEnum):
-    SameAsIpu = 0
-    AutoIncrement = 1
+def check_popart_options(options: Dict[str, Any]) -> None:
+    """What the compiler does with ``_Popart`` options: every key registered, every value of the key's kind."""
+    for key, value in options.items():
+        kind = _value_kind(key, value)
+        if key not in POPART_OPTIONS:
+            raise PoptorchError(f"Unknown option {key!r}")
+        if POPART_OPTIONS[key] != kind:
+            raise PoptorchError(f"Unknown {kind} option {key!r} (it takes a {POPART_OPTIONS[key]})")
+        if kind == UINT and value < 0:
+            raise PoptorchError(f"Option {key!r}: {value} is not an unsigned integer")
+        if kind == MAP and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise PoptorchError(f"Option {key!r} maps strings to strings, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -136,11 +204,7 @@ class OptionsDict:
 
     def createOrSet(self, **kwargs: Any) -> None:
         self._check_frozen()
-        for key, value in kwargs.items():
-            if key in self._values:
-                self.set(**{key: value})
-            else:
-                self._values[key] = value
+        self._values.update(kwargs)
 
     def exists(self, key: str) -> bool:
         return key in self._values
@@ -176,10 +240,11 @@ class OptionsDict:
 
 
 class _PopartOptions:
+    """Stores anything; :func:`check_popart_options` runs when the model compiles."""
+
     def __init__(self) -> None:
         self._is_frozen = False
         self.options: Dict[str, Any] = {}
-        self.options["instrumentWithHardwareCycleCounter"] = False
 
     def _freeze(self) -> None:
         self._is_frozen = True
@@ -187,17 +252,8 @@ class _PopartOptions:
     def set(self, key: str, value: Any) -> "_PopartOptions":
         if self._is_frozen:
             raise AttributeError("Can't modify frozen Options")
-        assert isinstance(key, str)
-        assert isinstance(value, (int, float, str, list, set, dict)), (
-            f"_Popart.set({key!r}): PopART values are int, float, str, list/set of str or dict (enums as ints), "
-            f"got {type(value).__name__}")
-        if isinstance(value, enum.Enum):
-            raise AssertionError(f"_Popart.set({key!r}): pass PopART enums as int, not {value!r}")
         self.options[key] = value  # replaces the whole value (dicts are not merged)
         return self
-
-    def setEngineOptions(self, engine_options: Dict[str, str]) -> "_PopartOptions":
-        return self.set("engineOptions", engine_options)
 
     def __deepcopy__(self, memo):
         new = _PopartOptions()
@@ -207,8 +263,7 @@ class _PopartOptions:
 
 class _TrainingOptions(OptionsDict):
     def __init__(self, popart: _PopartOptions) -> None:
-        super().__init__(gradient_accumulation=1, accumulation_and_replication_reduction_type=ReductionType.Mean,
-                         meanAccumulationAndReplicationReductionStrategy=MeanReductionStrategy.Post)
+        super().__init__(gradient_accumulation=1, accumulation_and_replication_reduction_type=ReductionType.Mean)
         object.__setattr__(self, "_popart", popart)
 
     def gradientAccumulation(self, gradient_accumulation: int) -> "_TrainingOptions":
@@ -222,18 +277,9 @@ class _TrainingOptions(OptionsDict):
         self.set(accumulation_and_replication_reduction_type=reduction_type)
         return self
 
-    def setMeanAccumulationAndReplicationReductionStrategy(self, strategy: MeanReductionStrategy):
-        assert isinstance(strategy, MeanReductionStrategy)
-        self.set(meanAccumulationAndReplicationReductionStrategy=strategy)
-        return self
-
     def setAutomaticLossScaling(self, enabled: bool) -> "_TrainingOptions":
         assert isinstance(enabled, bool)
         self._popart.set("automaticLossScalingSettings.enabled", enabled)
-        return self
-
-    def setConvolutionDithering(self, enabled: bool) -> "_TrainingOptions":
-        self._popart.set("convolutionOptions", {"enableConvDithering": enabled})
         return self
 
 
@@ -260,19 +306,6 @@ class _PrecisionOptions(OptionsDict):
         self._popart.set("enableStochasticRounding", enabled)
         return self
 
-    def enableFloatingPointExceptions(self, enabled: bool) -> "_PrecisionOptions":
-        assert isinstance(enabled, bool)
-        self._popart.set("enableFloatingPointChecks", enabled)
-        return self
-
-    def runningStatisticsAlwaysFloat(self, value: bool) -> "_PrecisionOptions":
-        if not isinstance(value, bool):
-            raise ValueError("runningStatisticsAlwaysFloat needs to be set to a bool")
-        return self  # deprecated no-op in 3.x
-
-    def halfFloatCasting(self, behaviour: Any) -> "_PrecisionOptions":
-        return self  # deprecated no-op in 3.x
-
 
 class TensorLocationSettings(OptionsDict):
     def useOnChipStorage(self, use: bool = True) -> "TensorLocationSettings":
@@ -285,62 +318,28 @@ class TensorLocationSettings(OptionsDict):
         self.createOrSet(useReplicatedTensorSharding=int(use))
         return self
 
-    def useIOTilesToLoad(self, use: bool = True) -> "TensorLocationSettings":
-        assert isinstance(use, bool)
-        self.createOrSet(useIOTilesToLoad=int(use))
-        return self
-
-    def useIOTilesToStore(self, use: bool = True) -> "TensorLocationSettings":
-        assert isinstance(use, bool)
-        self.createOrSet(useIOTilesToStore=int(use))
-        return self
-
-    def minElementsForOffChip(self, n: int) -> "TensorLocationSettings":
-        assert isinstance(n, int)
-        self.createOrSet(minElementsForOffChip=n)
-        return self
-
-    def minElementsForReplicatedTensorSharding(self, n: int) -> "TensorLocationSettings":
-        assert isinstance(n, int)
-        self.createOrSet(minElementsForReplicatedTensorSharding=n)
-        return self
-
 
 class _TensorLocationOptions(OptionsDict):
-    def _location(self, key: str, location: TensorLocationSettings) -> "_TensorLocationOptions":
+    def setOptimizerLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
         assert isinstance(location, TensorLocationSettings)
-        self.createOrSet(**{key: location.toDict()})
-        return self
-
-    def setActivationLocation(self, location):
-        return self._location("location_activation", location)
-
-    def setWeightLocation(self, location):
-        return self._location("location_weight", location)
-
-    def setOptimizerLocation(self, location):
-        return self._location("location_optimizer", location)
-
-    def setAccumulatorLocation(self, location):
-        return self._location("location_accumulator", location)
-
-    def numIOTiles(self, num_tiles: int):
-        assert isinstance(num_tiles, int) and 32 <= num_tiles <= 192 and num_tiles % 2 == 0
-        self.createOrSet(numIOTiles=num_tiles)
+        self.createOrSet(location_optimizer=location.toDict())
         return self
 
 
 class _DistributedOptions(OptionsDict):
     def __init__(self) -> None:
         super().__init__(num_distributed_processes=1, distributed_process_id=0)
+        self.setEnvVarNames("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
+
+    def setEnvVarNames(self, var_num_processes: str, var_process_id: str) -> "_DistributedOptions":
+        return self.configureProcessId(int(os.environ.get(var_process_id, "0")),
+                                       int(os.environ.get(var_num_processes, "1")))
 
     def disable(self) -> "_DistributedOptions":
-        self.set(num_distributed_processes=1, distributed_process_id=0)
-        return self
+        return self.configureProcessId(0, 1)
 
     def configureProcessId(self, process_id: int, num_processes: int) -> "_DistributedOptions":
-        self.set(distributed_process_id=process_id)
-        self.set(num_distributed_processes=num_processes)
+        self.set(distributed_process_id=process_id, num_distributed_processes=num_processes)
         return self
 
     @property
@@ -352,28 +351,19 @@ class _DistributedOptions(OptionsDict):
         return self._values["num_distributed_processes"]
 
 
-class _JitOptions(OptionsDict):
-    def __init__(self) -> None:
-        super().__init__(trace_model=False)
-
-    def traceModel(self, trace_model: bool):
-        if trace_model:
-            raise ValueError("Tracing (Jit.traceModel(True)) was removed in PopTorch 3.x")
-        return self
-
-
 class Options(OptionsDict):
     def __init__(self) -> None:
         popart = _PopartOptions()
         super().__init__(device_iterations=1, replication_factor=1, input_group_size=1,
                          output_mode=int(OutputMode.Default), output_return_period=1,
                          connection_type=int(ConnectionType.Always), auto_round_num_ipus=False,
-                         model_name="", log_dir=".", available_memory_proportion={}, ipu_version=2,
-                         enable_stable_norm=False)
+                         model_name="", available_memory_proportion={}, ipu_version=2, enable_stable_norm=False)
         for key, value in (("_popart", popart), ("_training", _TrainingOptions(popart)),
                            ("_precision", _PrecisionOptions(popart)), ("_tensor_locations", _TensorLocationOptions()),
-                           ("_distributed", _DistributedOptions()), ("_jit", _JitOptions())):
+                           ("_distributed", _DistributedOptions())):
             object.__setattr__(self, key, value)
+        if "POPTORCH_CACHE_DIR" in os.environ:
+            self.enableExecutableCaching(os.environ["POPTORCH_CACHE_DIR"])
 
     # sub-objects
     @property
@@ -391,10 +381,6 @@ class Options(OptionsDict):
     @property
     def Distributed(self) -> _DistributedOptions:
         return self._distributed
-
-    @property
-    def Jit(self) -> _JitOptions:
-        return self._jit
 
     @property
     def _Popart(self) -> _PopartOptions:
@@ -439,15 +425,9 @@ class Options(OptionsDict):
         self.set(auto_round_num_ipus=auto_round_num_ipus)
         return self
 
-    def connectionType(self, connection_type: ConnectionType) -> "Options":
-        assert isinstance(connection_type, ConnectionType)
-        self.set(connection_type=int(connection_type))
-        return self
-
     def useOfflineIpuTarget(self, ipu_version: int = 2) -> "Options":
         assert isinstance(ipu_version, int)
-        self.connectionType(ConnectionType.Never)
-        self.set(ipu_version=ipu_version)
+        self.set(connection_type=int(ConnectionType.Never), ipu_version=ipu_version)
         return self
 
     def enableSyntheticData(self, enabled: bool) -> "Options":
@@ -459,16 +439,13 @@ class Options(OptionsDict):
         self.set(model_name=name)
         return self
 
-    def logDir(self, log_dir: str) -> "Options":
-        self.set(log_dir=log_dir)
-        return self
-
     def setAvailableMemoryProportion(self, available_memory_proportion: Dict[str, float]) -> "Options":
         assert isinstance(available_memory_proportion, dict)
         for key, value in available_memory_proportion.items():
             assert key.startswith("IPU"), f"Invalid IPU name {key!r}: keys must be IPU<n>"
             int(key[3:])
-            assert isinstance(value, float), f"memory proportion of {key} must be a float"
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (
+                f"memory proportion of {key} must be a number")
         self.set(available_memory_proportion=dict(available_memory_proportion))
         return self
 
@@ -491,25 +468,23 @@ class Options(OptionsDict):
 
 # ---------------------------------------------------------------------------------------------------- blocks
 def BeginBlock(layer_to_call, user_id: Optional[str] = None, ipu_id: Optional[int] = None):
-    if not isinstance(layer_to_call, torch.nn.Module):
-        raise PoptorchError("the fake supports BeginBlock on modules only")
-    if getattr(layer_to_call, "_fake_block", None) is not None:
-        raise PoptorchError("module has already been assigned to a block")
     assert user_id is None or isinstance(user_id, str), "Block IDs are supposed to be strings"
     assert ipu_id is None or isinstance(ipu_id, int)
-    object.__setattr__(layer_to_call, "_fake_block", (user_id, ipu_id))
 
-    def enter(_module, _inputs):
+    def enter(*_args) -> None:
         STATE.block_entries.append((user_id, ipu_id))
 
+    if not isinstance(layer_to_call, torch.nn.Module):
+        def legacy_block(*args, **kwargs):
+            enter()
+            return layer_to_call(*args, **kwargs)
+
+        return legacy_block
+    if getattr(layer_to_call, "_fake_block", None) is not None:
+        raise PoptorchError("module has already been assigned to a block")
+    object.__setattr__(layer_to_call, "_fake_block", (user_id, ipu_id))
     layer_to_call.register_forward_pre_hook(enter)
     return layer_to_call
-
-
-def removeBlocks(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if getattr(m, "_fake_block", None) is not None:
-            object.__setattr__(m, "_fake_block", None)
 
 
 def recomputationCheckpoint(*tensors):
@@ -535,8 +510,14 @@ def identity_loss(x: torch.Tensor, reduction: str) -> torch.Tensor:
 _MARKED: set = set()
 
 
-def isRunningOnIpu() -> bool:
-    return False
+def cpu_has_half_convolutions() -> bool:
+    """Whether models with half convolutions can run here: the fake executes on the CPU, where torch 2.0.1 (the
+    Poplar SDK 3.4 torch) has none."""
+    try:
+        torch.nn.Conv2d(2, 2, 1).half()(torch.zeros(1, 2, 2, 2, dtype=torch.half))
+        return True
+    except RuntimeError:
+        return False
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -557,8 +538,6 @@ class PoplarExecutor:
         self._destroyed = False
         self.calls = 0
         self.set_optimizer_calls = 0
-        self.weights_to_host = 0
-        self.weights_to_device = 0
         self.compile_shapes: Optional[List[torch.Size]] = None
         if training:
             if getattr(model, "_fake_wrapped", False):
@@ -590,8 +569,11 @@ class PoplarExecutor:
     def isAttachedToDevice(self) -> bool:
         return self._attached
 
+    def _optimizer_state_streams(self) -> bool:
+        return not self._options._Popart.options.get("disableOptimizerStateTensorStreams", False)
+
     # --- compile / attach
-    def _stages(self) -> List[int]:
+    def _block_ipus(self) -> List[int]:
         ipus = []
         for m in self._user_model.modules():
             block = getattr(m, "_fake_block", None)
@@ -604,12 +586,20 @@ class PoplarExecutor:
             return
         self._check_inputs(args)
         o = self._options
-        ipus = self._stages()
-        n_ipus = max(ipus) + 1
-        stages = len(set(ipus))
-        if n_ipus > 1 and not _is_power_of_two(n_ipus) and not o.auto_round_num_ipus:
-            raise PoptorchError(f"The number of IPUs per replica ({n_ipus}) must be a power of two; set "
-                                "autoRoundNumIPUs(True)")
+        check_popart_options(o._Popart.options)
+        seed = o.random_seed if o.exists("random_seed") else 0
+        if not 0 <= seed < 2 ** 64:
+            raise PoptorchError(f"randomSeed({seed}): the seed is an unsigned 64-bit integer")
+        ipus = self._block_ipus()
+        stages = 1 + sum(a != b for a, b in zip(ipus, ipus[1:]))
+        per_process = (max(ipus) + 1) * o.replication_factor
+        offline = o.connection_type == int(ConnectionType.Never)
+        if per_process > MAX_IPUS_PER_PROCESS:
+            raise PoptorchError(f"Too many IPUs requested ({per_process}). Experiments that need more than "
+                                f"{MAX_IPUS_PER_PROCESS} IPUs require distributed execution.")
+        if not offline and not _is_power_of_two(per_process) and not o.auto_round_num_ipus:
+            raise PoptorchError(f"The model needs {per_process} IPUs per process: PopTorch must reserve a power of 2 "
+                                f"or maximum of {MAX_IPUS_PER_PROCESS} IPUs per process; set autoRoundNumIPUs(True)")
         if self._training and stages > 1 and o.Training.gradient_accumulation < 2 * stages - 1:
             raise PoptorchError(f"poptorch.Options().Training.gradientAccumulation must be greater than or equal to "
                                 f"the number of pipeline stages * 2 - 1 ({2 * stages - 1})")
@@ -618,7 +608,9 @@ class PoplarExecutor:
                                 f"stages ({stages}) for inference")
         self.compile_shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
         self._compiled = True
-        if o.connection_type != int(ConnectionType.Never):
+        if self._training:
+            self._optimizer._compiled_by(self)
+        if not offline:
             self._attach()
 
     def _attach(self) -> None:
@@ -626,7 +618,6 @@ class PoplarExecutor:
             raise PoptorchError("Failed to acquire IPUs: another model is attached (call detachFromDevice())")
         STATE.attached = self
         self._attached = True
-        self.weights_to_device += 1
 
     def attachToDevice(self) -> None:
         if not self._compiled:
@@ -634,11 +625,12 @@ class PoplarExecutor:
         if self._attached:
             raise PoptorchError("Device is already attached")
         self._attach()
+        if self._training and not self._optimizer_state_streams():
+            self._optimizer.state.clear()  # nothing can upload it: the device's state restarts
 
     def detachFromDevice(self) -> None:
         if not self._attached:
             raise PoptorchError("Device is not attached")
-        self.weights_to_host += 1
         self._attached = False
         if STATE.attached is self:
             STATE.attached = None
@@ -651,35 +643,17 @@ class PoplarExecutor:
             object.__setattr__(self._user_model, "_fake_wrapped", False)
 
     # --- weights and optimizer
-    def copyWeightsToHost(self) -> None:
-        if not self._compiled:
-            raise PoptorchError("Model has not been compiled")
-        self.weights_to_host += 1
-
     def copyWeightsToHostIfNeeded(self) -> bool:
-        if self._compiled and self._attached:
-            self.weights_to_host += 1
-            return True
-        return False
+        return self._compiled and self._attached
 
     def copyWeightsToDevice(self) -> None:
         if not self._compiled:
             raise PoptorchError("Model has not been compiled")
-        self.weights_to_device += 1
 
     def setOptimizer(self, optimizer) -> None:
         assert self._training
         self._optimizer = optimizer
         self.set_optimizer_calls += 1
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        out = self._user_model.load_state_dict(state_dict, strict)
-        if self._attached:
-            self.copyWeightsToDevice()
-        return out
-
-    def state_dict(self, *args, **kwargs):
-        return self._user_model.state_dict(*args, **kwargs)
 
     # --- running
     def _check_inputs(self, args) -> None:
@@ -741,14 +715,12 @@ class PoplarExecutor:
         single = not isinstance(outputs[0], tuple)
         rows = [(o,) if single else o for o in outputs]
         result = []
-        for column in zip(*rows):
-            column = list(column)
+        for values in zip(*rows):
+            column = list(values)
             if mode == OutputMode.All:
                 result.append(torch.stack(column) if column[0].dim() == 0 else torch.cat(column))
             elif mode == OutputMode.Final:
                 result.append(column[-1])
-            elif mode == OutputMode.Sum:
-                result.append(torch.stack(column).sum(0))
             else:
                 raise PoptorchError(f"the fake does not implement output mode {mode!r}")
         return result[0] if single else tuple(result)
@@ -772,28 +744,24 @@ class DataLoader(TorchDataLoader):
         assert isinstance(options, Options), "poptorch.DataLoader needs poptorch.Options as its first argument"
         assert isinstance(mode, DataLoaderMode), f"mode must be a poptorch.DataLoaderMode, got {mode!r}"
         assert isinstance(batch_size, int)
+        if options.Distributed.numProcesses > 1 and auto_distributed_partitioning:
+            raise PoptorchError("the fake does not model auto_distributed_partitioning")
+        if async_options is not None or batch_sampler is not None:
+            raise PoptorchError("the fake does not model async_options or batch_sampler")
         options._freeze()
         self._options = options
         self._combined = (batch_size * options.device_iterations * (options.replication_factor //
                           options.input_group_size) * options.Training.gradient_accumulation)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
-        if options.Distributed.numProcesses > 1 and auto_distributed_partitioning:
-            assert not shuffle or options.exists("random_seed"), (
-                "When using auto_distributed_partitioning you must set poptorch.Options.randomSeed()")
-            per = len(dataset) // options.Distributed.numProcesses
-            start = per * options.Distributed.processId
-            dataset = torch.utils.data.Subset(dataset, range(start, start + per))
-        if async_options is not None:
-            assert "rebatched_size" not in async_options, "rebatched_size is not allowed in async_options"
         self._rebatch = mode == DataLoaderMode.AsyncRebatched
+        self._asynchronous = mode != DataLoaderMode.Sync
         worker_batch = self._combined
         if self._rebatch and rebatched_worker_size is not None:
             assert rebatched_worker_size <= self._combined, (
                 f"The rebatched_worker_size ({rebatched_worker_size}) must be <= to the combined batch size "
                 f"({self._combined})")
             worker_batch = rebatched_worker_size
-        self._drop_last_combined = drop_last
         self._terminated = False
         super().__init__(dataset, batch_size=worker_batch, shuffle=bool(shuffle), num_workers=num_workers,
                          drop_last=drop_last and not self._rebatch, persistent_workers=persistent_workers,
@@ -804,17 +772,15 @@ class DataLoader(TorchDataLoader):
     def combinedBatchSize(self) -> int:
         return self._combined
 
-    @property
-    def options(self) -> Options:
-        return self._options
-
     def terminate(self) -> None:
         self._terminated = True
 
     def __len__(self) -> int:
-        return len(self.dataset) // self._combined
+        return len(self.dataset) // self._combined  # type: ignore[arg-type]
 
     def __iter__(self):
+        if self._asynchronous and self._terminated:
+            raise PoptorchError("The asynchronous data loader was terminated: create a new DataLoader")
         if not self._rebatch:
             yield from super().__iter__()
             return
@@ -835,32 +801,51 @@ class DataLoader(TorchDataLoader):
 _ACCUM = (torch.float32, torch.float16)
 
 
-def _check_accum(kwargs: Dict[str, Any]) -> None:
-    for key, value in kwargs.items():
-        if key.endswith("accum_type") and value is not None:
-            assert value in _ACCUM, f"{key} must be torch.float32 or torch.float16, got {value!r}"
-
-
 class _PoptorchOptimizer:
-    def _init_extras(self, loss_scaling, **extras) -> None:
-        _check_accum(extras)
+    """PopTorch's extras and the host/device split of the optimizer state (see the module docstring). Mixed in
+    before a ``torch.optim.Optimizer``, whose ``state`` and ``state_dict`` it wraps."""
+
+    state: DefaultDict[torch.Tensor, Any]
+
+    def _init_extras(self, loss_scaling: Optional[float], **accum_types: Any) -> None:
+        for key, value in accum_types.items():
+            assert value is None or value in _ACCUM, f"{key} must be torch.float32 or torch.float16, got {value!r}"
         self.loss_scaling = 1.0 if loss_scaling is None else float(loss_scaling)
-        self.extras = extras
-        self.host_state_is_dirty = False
+        self._executor: Optional[PoplarExecutor] = None
+        self._host_copy: Optional[Dict[str, Any]] = None
+
+    def _compiled_by(self, executor: PoplarExecutor) -> None:
+        self._executor = executor
+        if not executor._optimizer_state_streams():
+            self._host_copy = super().state_dict()  # type: ignore[misc]
+            self.state.clear()  # nothing is uploaded: the device's state starts afresh
+
+    def _device_unreachable(self) -> bool:
+        return self._executor is not None and not self._executor._optimizer_state_streams()
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self._device_unreachable():
+            assert self._host_copy is not None
+            return copy.deepcopy(self._host_copy)
+        return super().state_dict()  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if self._device_unreachable():
+            raise PoptorchError("the fake does not model loading optimizer state without optimizer-state streams")
+        super().load_state_dict(state_dict)  # type: ignore[misc]
 
 
-class SGD(torch.optim.SGD, _PoptorchOptimizer):
-    def __init__(self, params, lr, momentum=None, dampening=None, weight_decay=None, nesterov=None, *,
-                 maximize=None, foreach=None, differentiable=None, loss_scaling=None, velocity_scaling=None,
+class SGD(_PoptorchOptimizer, torch.optim.SGD):
+    def __init__(self, params, lr, momentum=None, dampening=None, weight_decay=None, nesterov=None, maximize=None,
+                 foreach=None, differentiable=None, loss_scaling=None, velocity_scaling=None,
                  use_combined_accum=None, accum_type=None, velocity_accum_type=None, max_grad_norm=None):
         super().__init__(params, lr=lr, momentum=momentum or 0.0, dampening=dampening or 0.0,
                          weight_decay=weight_decay or 0.0, nesterov=bool(nesterov))
-        self._init_extras(loss_scaling, accum_type=accum_type, velocity_accum_type=velocity_accum_type,
-                          use_combined_accum=use_combined_accum, velocity_scaling=velocity_scaling)
+        self._init_extras(loss_scaling, accum_type=accum_type, velocity_accum_type=velocity_accum_type)
 
 
-class RMSprop(torch.optim.RMSprop, _PoptorchOptimizer):
-    def __init__(self, params, lr=None, alpha=None, eps=None, weight_decay=None, momentum=None, centered=None, *,
+class RMSprop(_PoptorchOptimizer, torch.optim.RMSprop):
+    def __init__(self, params, lr=None, alpha=None, eps=None, weight_decay=None, momentum=None, centered=None,
                  foreach=None, maximize=None, differentiable=None, loss_scaling=None, accum_type=None,
                  first_order_momentum_accum_type=None, second_order_momentum_accum_type=None, use_tf_variant=None):
         super().__init__(params, lr=0.01 if lr is None else lr, alpha=0.99 if alpha is None else alpha,
@@ -875,14 +860,22 @@ class RMSprop(torch.optim.RMSprop, _PoptorchOptimizer):
     def step(self, closure=None):
         if not self.use_tf_variant:
             return super().step(closure)
-        # TensorFlow's variant: eps inside the square root, lr inside the momentum buffer (as train.optim's).
-        from train.optim import RMSpropTF
+        for group in self.param_groups:
+            lr, alpha, eps, mu, wd = (group[k] for k in ("lr", "alpha", "eps", "momentum", "weight_decay"))
+            for p in (q for q in group["params"] if q.grad is not None):
+                g = p.grad + wd * p
+                slots = self.state[p]
+                slots["step"] = slots.get("step", torch.tensor(0.0)) + 1  # (torch's RMSprop state has a step)
+                mean_square = slots.setdefault("mean_square", torch.ones_like(p))
+                velocity = slots.setdefault("velocity", torch.zeros_like(p))
+                mean_square.copy_(alpha * mean_square + (1 - alpha) * g * g)
+                velocity.copy_(mu * velocity + lr * g * torch.rsqrt(mean_square + eps))
+                p -= velocity
+        return None
 
-        return RMSpropTF.step(self, closure)
 
-
-class AdamW(torch.optim.AdamW, _PoptorchOptimizer):
-    def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, *, maximize=None,
+class AdamW(_PoptorchOptimizer, torch.optim.AdamW):
+    def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, maximize=None,
                  foreach=None, capturable=None, differentiable=None, fused=None, loss_scaling=None,
                  bias_correction=None, accum_type=None, first_order_momentum_accum_type=None,
                  second_order_momentum_accum_type=None, max_grad_norm=None):
@@ -909,10 +902,6 @@ class PopdistOptions(Options):
         self.set(replication_factor=pd["total_replicas"] // pd["instances"])
         self.Distributed.configureProcessId(pd["instance"], pd["instances"])
 
-    def replicationFactor(self, replication_factor: int) -> "Options":
-        raise AssertionError("the replication factor is set by poprun; do not call replicationFactor on "
-                             "popdist.poptorch.Options")
-
 
 def _module(name: str, **attrs: Any) -> types.ModuleType:
     module = types.ModuleType(name)
@@ -924,12 +913,10 @@ def build_modules() -> Dict[str, types.ModuleType]:
     optim = _module("poptorch.optim", SGD=SGD, RMSprop=RMSprop, AdamW=AdamW)
     poptorch = _module(
         "poptorch", Options=Options, TensorLocationSettings=TensorLocationSettings, OutputMode=OutputMode,
-        ReductionType=ReductionType, MeanReductionStrategy=MeanReductionStrategy, DataLoaderMode=DataLoaderMode,
-        SharingStrategy=SharingStrategy, ConnectionType=ConnectionType, SyncPattern=SyncPattern,
-        CommGroupType=CommGroupType, AutoStage=AutoStage, BeginBlock=BeginBlock, removeBlocks=removeBlocks,
-        recomputationCheckpoint=recomputationCheckpoint, identity_loss=identity_loss,
-        isRunningOnIpu=isRunningOnIpu, trainingModel=trainingModel, inferenceModel=inferenceModel,
-        DataLoader=DataLoader, PoplarExecutor=PoplarExecutor, optim=optim, STATE=STATE, __version__="3.4.0-fake")
+        ReductionType=ReductionType, DataLoaderMode=DataLoaderMode, ConnectionType=ConnectionType,
+        BeginBlock=BeginBlock, recomputationCheckpoint=recomputationCheckpoint, identity_loss=identity_loss,
+        trainingModel=trainingModel, inferenceModel=inferenceModel, DataLoader=DataLoader, optim=optim,
+        STATE=STATE, __version__="3.4.0-fake")
     pd = STATE.popdist
 
     def init() -> None:
@@ -941,8 +928,7 @@ def build_modules() -> Dict[str, types.ModuleType]:
         getInstanceIndex=lambda: pd["instance"], getNumInstances=lambda: pd["instances"],
         getNumTotalReplicas=lambda: pd["total_replicas"],
         getNumLocalReplicas=lambda: pd["total_replicas"] // pd["instances"],
-        getNumIpusPerReplica=lambda: pd["ipus_per_replica"], getLocalInstanceIndex=lambda: pd["instance"],
-        poptorch=popdist_poptorch)
+        getNumIpusPerReplica=lambda: pd["ipus_per_replica"], poptorch=popdist_poptorch)
     h = STATE.hvd
 
     def hvd_init() -> None:
@@ -957,20 +943,16 @@ def build_modules() -> Dict[str, types.ModuleType]:
         h["broadcasts"].append(tensor.clone())
         return tensor.clone()
 
-    class _Op:
-        pass
+    Sum = object()
 
-    Sum, Average = _Op(), _Op()
-
-    def allreduce(tensor: torch.Tensor, op=Average, name: Optional[str] = None) -> torch.Tensor:
+    def allreduce(tensor: torch.Tensor, op=None, name: Optional[str] = None) -> torch.Tensor:
         # One process stands for every instance: all instances are taken to hold the same values.
-        assert h["initialised"] and isinstance(tensor, torch.Tensor)
+        assert h["initialised"] and isinstance(tensor, torch.Tensor) and op is Sum
         h["allreduces"] += 1
-        return tensor * pd["instances"] if op is Sum else tensor.clone()
+        return tensor * pd["instances"]
 
-    hvd_torch = _module("horovod.torch", init=hvd_init, rank=lambda: pd["instance"], size=lambda: pd["instances"],
-                        local_rank=lambda: 0, broadcast_parameters=broadcast_parameters, broadcast=broadcast,
-                        allreduce=allreduce, Sum=Sum, Average=Average)
+    hvd_torch = _module("horovod.torch", init=hvd_init, broadcast_parameters=broadcast_parameters,
+                        broadcast=broadcast, allreduce=allreduce, Sum=Sum)
     horovod = _module("horovod", torch=hvd_torch)
     return {"poptorch": poptorch, "poptorch.optim": optim, "popdist": popdist, "popdist.poptorch": popdist_poptorch,
             "horovod": horovod, "horovod.torch": hvd_torch}

@@ -14,6 +14,9 @@ What one phase does (see ``docs/ipu.md`` for the launch side):
 - Validation: a separate ``poptorch.inferenceModel`` per resolution with its own options (accumulation 1, every
   output); the training model is detached while it runs. It returns per-sample loss and hits, so the padding
   of the last host batch (``labels == -1``) is dropped on the host and every sample counts exactly once.
+- Optimizer state: checkpoints hold the device's optimizer state, read through PopART's optimizer-state streams;
+  ``checkpoint.optimizer_state: false`` lets a phase that never re-attaches its training model drop them and
+  save weights only (see :meth:`IPUBackend._use` and ``docs/ipu.md``).
 - Data: ``poptorch.DataLoader`` (``AsyncRebatched`` by default) over this instance's shard of the seeded,
   resumable order of :mod:`data.loader`; one host call is micro x device iterations x accumulation x local
   replicas samples and performs ``device_iterations`` optimizer steps.
@@ -43,7 +46,7 @@ from data.loader import seed_worker
 from ipu_options import distributed
 from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import IpuPhasePlan, resolve_phase
+from ipu_options.plan import IpuPhasePlan, check_ipus_per_process, phase_settings, resolve_phase
 
 from ..task import ClassificationTask
 from .base import Backend, EvalStats, StepStats
@@ -139,6 +142,7 @@ class IPUBackend(Backend):
         self.poptorch = import_poptorch()
         self.cfg, self.phase, self.offline = cfg, phase, offline
         plan = resolve_phase(cfg, phase)
+        configured = plan.instances
         self.popdist = distributed.popdist_module()
         if self.popdist is not None:
             plan = self._check_launch(plan)
@@ -146,11 +150,15 @@ class IPUBackend(Backend):
             self.world_size = int(self.popdist.getNumInstances())
             plan = dataclasses.replace(plan, seed=distributed.broadcast_int(plan.seed))
             distributed.broadcast_weights(task.model)
+            why = f" (poprun launched {plan.instances})"
         elif plan.instances != 1:
             # Started without poprun: one process drives every replica (a single host holds them all).
             warnings.warn(f"ipu.instances is {plan.instances} but this process was not started by poprun; running "
                           f"all {plan.replicas} replicas here (see docs/ipu.md for the poprun launch)", stacklevel=3)
             plan = dataclasses.replace(plan, instances=1)
+            why = " (this process was not started by poprun, so it drives every replica)"
+        if plan.instances != configured:  # resolve_phase checked the config's split of replicas, not this one
+            check_ipus_per_process(plan, phase_settings(cfg.ipu, phase.name == "finetune")[1], why)
         self.plan: IpuPhasePlan = plan
         self.host_task = task
         self.host_model = task.model
@@ -181,6 +189,7 @@ class IPUBackend(Backend):
     def _check_launch(self, plan: IpuPhasePlan) -> IpuPhasePlan:
         """poprun decides replicas, instances and IPUs per replica; they must match the recipe."""
         pd = self.popdist
+        assert pd is not None
         total, instances = int(pd.getNumTotalReplicas()), int(pd.getNumInstances())
         per_replica = int(pd.getNumIpusPerReplica())
         hint = (f"; replicas and IPUs per replica are fixed by the poprun launch, so a fine-tune phase with its own "
@@ -306,11 +315,24 @@ class IPUBackend(Backend):
 
     # ------------------------------------------------------------------------------------------- calls
     def _use(self, executor: Any) -> None:
-        """Attach ``executor`` (compiled ones only; a first call attaches by itself), detach the others."""
+        """Attach ``executor`` (compiled ones only; a first call attaches by itself), detach the others.
+
+        Optimizer state across a detach: with PopART's optimizer-state streams (``plan.keep_optimizer_state``),
+        ``detachFromDevice`` copies the weights and the optimizer state to the host and ``attachToDevice`` uploads
+        both again, so validating in between loses nothing. Without the streams the state exists only on the
+        device, and the IPUs run the inference executable in between: re-attaching could not restore it. The plan
+        therefore removes the streams only for phases that do not validate before their end, where the training
+        model is never attached again once detached; the check below stops a loop that would do it anyway.
+        """
         for other in [self.training_model, *self.eval_models.values()]:
             if other is not executor and other.isCompiled() and other.isAttachedToDevice():
                 other.detachFromDevice()
         if executor.isCompiled() and not executor.isAttachedToDevice():
+            if executor is self.training_model and not self.plan.keep_optimizer_state:
+                raise BackendError(f"phase {self.phase.name!r} runs without PopART's optimizer-state streams "
+                                   "(checkpoint.optimizer_state: false), so re-attaching the training model after "
+                                   "validation would restart the optimizer state; set checkpoint.optimizer_state: "
+                                   "true")
             executor.attachToDevice()
 
     def train_call(self, images: torch.Tensor, labels: torch.Tensor, mix: Optional[torch.Tensor]) -> StepStats:
@@ -366,14 +388,27 @@ class IPUBackend(Backend):
         self._lr = lr
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "ipu", "optimizer": self.optimizer.state_dict(), "lr": self._lr}
+        """The optimizer state as the device holds it (PopTorch reads it back through the optimizer-state
+        streams), or ``None`` in a phase without those streams: its checkpoints hold the weights only."""
+        optimizer = self.optimizer.state_dict() if self.plan.keep_optimizer_state else None
+        return {"kind": "ipu", "optimizer": optimizer, "lr": self._lr}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("kind") != "ipu":
             warnings.warn("the checkpoint's optimizer state was written by another backend and PopTorch's format "
                           "differs; the optimizer starts afresh (the weights are restored)", stacklevel=2)
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("optimizer")
+        if saved is not None and self.plan.keep_optimizer_state:
+            self.optimizer.load_state_dict(saved)
+        else:
+            why = ("the checkpoint holds weights only (written with checkpoint.optimizer_state: false)"
+                   if saved is None else
+                   "this phase runs without PopART's optimizer-state streams (checkpoint.optimizer_state: false), "
+                   "so the checkpoint's optimizer state cannot be uploaded")
+            warnings.warn(f"{why}: the optimizer's running averages (momentum, RMSProp's mean square) restart from "
+                          "their initial values, so the steps after this resume differ from an uninterrupted run; "
+                          "set checkpoint.optimizer_state: true to keep them", stacklevel=2)
         self.set_lr(state.get("lr", self._lr))
 
     def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
