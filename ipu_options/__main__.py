@@ -19,9 +19,11 @@ import json
 import sys
 from typing import Any, List, Optional
 
-from train.config import ConfigError, load_config
+from train.cli import run_guarded
+from train.config import load_config
+from train.run_plan import plan_run
 
-EXIT_USER_ERROR = 2
+from .plan import describe
 
 
 def compact_json(value: Any, indent: int = 0, width: int = 110) -> str:
@@ -53,22 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.backends.torch_backend import BackendError
 
-    try:
+    def job() -> None:
         cfg = load_config(args.config, args.overrides)
+        plan_run(cfg)  # the same checks as python -m train, before describing or compiling anything
         if args.describe:
-            from .plan import describe
-
             print(compact_json(describe(cfg, args.config)))
-            return 0
-        from train.backends.ipu_backend import compile_only
+            return
+        from train.backends.ipu_backend import compile_only  # imports PopTorch
 
         compile_only(cfg, log=lambda entry: print(json.dumps(entry), flush=True))
-        return 0
-    except (ConfigError, BackendError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+
+    return run_guarded(job)
 
 
 if __name__ == "__main__":

@@ -405,3 +405,31 @@ def test_ipu_backend_without_poptorch_says_how_to_get_it(monkeypatch, capsys):
         overrides += ["--set", item]
     assert main(overrides + ["--compile-only"]) == 2
     assert "ships only with the Poplar SDK" in capsys.readouterr().err
+
+
+def test_every_instance_makes_the_same_number_of_validation_calls(fake):
+    """The stop protocol agrees across instances before every validation batch, so the counts must match."""
+    cfg = tiny()
+    backend = make_backend(cfg)
+    from data import build_dataset, build_transform
+
+    val = build_dataset(cfg.data, "val", build_transform("eval", 16, cfg.data)).subset(13)
+    counts, valid = [], 0
+    backend.world_size = 3  # as three poprun instances would see it: shards of 5, 4 and 4 samples
+    for rank in range(3):
+        backend.rank = rank
+        batches = list(backend.eval_loader(val))
+        counts.append(len(batches))
+        valid += sum(int((labels >= 0).sum()) for _, labels in batches)
+    assert counts == [2, 2, 2] and valid == 13  # 4 samples per call
+    backend.close()
+
+
+def test_gradient_clipping_reaches_poptorch_as_max_grad_norm(fake):
+    backend = make_backend(tiny("optimizer.name=sgd", "optimizer.clip_grad_norm=0.5"))
+    assert backend.optimizer.max_grad_norm == 0.5
+    backend.close()
+    with pytest.raises(ConfigError, match="optimizer.clip_grad_norm: 1.0 with optimizer.name: 'rmsprop_tf' on IPUs"):
+        from train.run_plan import plan_run
+
+        plan_run(tiny("optimizer.clip_grad_norm=1.0"))

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 import os
 import sys
 import types
@@ -705,6 +706,7 @@ class PoplarExecutor:
                         out = self._user_model(*micro)
                 outputs.append(tuple(t.detach() for t in out) if isinstance(out, (tuple, list)) else out.detach())
             if self._training:
+                self._optimizer._clip_gradients()
                 self._optimizer.step()
         return self._collect(outputs)
 
@@ -807,12 +809,21 @@ class _PoptorchOptimizer:
 
     state: DefaultDict[torch.Tensor, Any]
 
-    def _init_extras(self, loss_scaling: Optional[float], **accum_types: Any) -> None:
+    def _init_extras(self, loss_scaling: Optional[float], max_grad_norm: Optional[float] = None,
+                     **accum_types: Any) -> None:
         for key, value in accum_types.items():
             assert value is None or value in _ACCUM, f"{key} must be torch.float32 or torch.float16, got {value!r}"
         self.loss_scaling = 1.0 if loss_scaling is None else float(loss_scaling)
+        # SGD/Adam/AdamW: the global gradient norm is clipped on the device before the update (default inf);
+        # RMSprop and LAMB take no such argument (poptorch/optim.py of PopTorch 3.4).
+        self.max_grad_norm = math.inf if max_grad_norm is None else float(max_grad_norm)
         self._executor: Optional[PoplarExecutor] = None
         self._host_copy: Optional[Dict[str, Any]] = None
+
+    def _clip_gradients(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if params and math.isfinite(self.max_grad_norm):
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     def _compiled_by(self, executor: PoplarExecutor) -> None:
         self._executor = executor
@@ -841,7 +852,7 @@ class SGD(_PoptorchOptimizer, torch.optim.SGD):
                  use_combined_accum=None, accum_type=None, velocity_accum_type=None, max_grad_norm=None):
         super().__init__(params, lr=lr, momentum=momentum or 0.0, dampening=dampening or 0.0,
                          weight_decay=weight_decay or 0.0, nesterov=bool(nesterov))
-        self._init_extras(loss_scaling, accum_type=accum_type, velocity_accum_type=velocity_accum_type)
+        self._init_extras(loss_scaling, max_grad_norm, accum_type=accum_type, velocity_accum_type=velocity_accum_type)
 
 
 class RMSprop(_PoptorchOptimizer, torch.optim.RMSprop):
@@ -883,7 +894,7 @@ class AdamW(_PoptorchOptimizer, torch.optim.AdamW):
             raise ValueError("amsgrad is not supported by poptorch.optim.AdamW")
         super().__init__(params, lr=1e-3 if lr is None else lr, betas=betas or (0.9, 0.999),
                          eps=1e-8 if eps is None else eps, weight_decay=1e-2 if weight_decay is None else weight_decay)
-        self._init_extras(loss_scaling, accum_type=accum_type,
+        self._init_extras(loss_scaling, max_grad_norm, accum_type=accum_type,
                           first_order_momentum_accum_type=first_order_momentum_accum_type,
                           second_order_momentum_accum_type=second_order_momentum_accum_type)
 

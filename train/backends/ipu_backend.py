@@ -81,7 +81,7 @@ class _KeyedView(Dataset):
 
 
 class _PaddedView(Dataset):
-    """``indices`` of ``dataset`` then copies of the first one with label -1 up to ``length`` (masked later)."""
+    """``indices`` of ``dataset`` then copies of a sample with label -1 up to ``length`` (masked later)."""
 
     def __init__(self, dataset: ImageDataset, indices: np.ndarray, length: int):
         self.dataset, self.indices, self.length = dataset, indices, length
@@ -92,7 +92,7 @@ class _PaddedView(Dataset):
     def __getitem__(self, i: int):
         if i < len(self.indices):
             return self.dataset[int(self.indices[i])]
-        image, _ = self.dataset[int(self.indices[0])]
+        image, _ = self.dataset[int(self.indices[0]) if len(self.indices) else 0]
         return image, -1
 
 
@@ -226,6 +226,10 @@ class IPUBackend(Backend):
         extras: Dict[str, Any] = {}
         if self.loss_scale is not None:
             extras["loss_scaling"] = self.loss_scale  # static; PopTorch unscales before the update
+        if self.phase.optimizer.clip_grad_norm is not None:
+            # PopTorch's SGD and AdamW clip the global norm on the device; its RMSprop cannot (refused earlier,
+            # train/run_plan.py).
+            extras["max_grad_norm"] = float(self.phase.optimizer.clip_grad_norm)
         name = self.phase.optimizer.name
         if name == "rmsprop_tf":
             return optim.RMSprop(groups, lr=g0["lr"], alpha=g0["alpha"], eps=g0["eps"], momentum=g0["momentum"],
@@ -304,12 +308,14 @@ class IPUBackend(Backend):
                                 self.plan.micro_batch_size, seed)
 
     def eval_loader(self, dataset: ImageDataset) -> Iterable:
-        """Every validation sample once over all instances; the last batch is padded with label -1."""
+        """Every validation sample once over all instances; the last batches are padded with label -1.
+
+        Every instance makes the same number of host calls (the shard of the largest instance, rounded up to a
+        call), because the stop protocol agrees across instances before each validation batch (train/stop.py)."""
         per_call = self.plan.eval_samples_per_call
         indices = np.arange(len(dataset), dtype=np.int64)[self.rank::self.world_size]
-        if len(indices) == 0:
-            return []
-        length = -(-len(indices) // per_call) * per_call
+        largest = -(-len(dataset) // self.world_size)
+        length = -(-largest // per_call) * per_call
         return self._dataloader(self.eval_opts, _PaddedView(dataset, indices, length),
                                 self.plan.eval_micro_batch_size, self.cfg.train.seed)
 
