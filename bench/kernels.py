@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -36,6 +36,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from models import ModelConfig, build_model
+from models import fused_norm as fn
+from models.norms import NormAct, NormSpec, ScaleOnlyNorm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("full", "deferred_scale", "center_only", "silu", "scale")
@@ -53,9 +57,6 @@ def _sync() -> None:
 def model_units(name: str, resolution: int, group_dim: int = 16, expand_ratio: Optional[int] = 4,
                 norm: str = "layer") -> List[Dict]:
     """Every norm unit of a proxy-normed model at ``resolution``: kind, (C, H, W) and how many share them."""
-    from models import ModelConfig, build_model
-    from models.norms import NormAct, ScaleOnlyNorm
-
     model = build_model(ModelConfig(name=name, norm=norm, proxy_norm=True, group_dim=group_dim,
                                     expand_ratio=expand_ratio, fused_norm="off")).eval()
     counts: Dict[tuple, int] = {}
@@ -110,7 +111,6 @@ def copy_bandwidth(nbytes: int, iters: int, warmup: int) -> Dict:
     dst = torch.empty_like(src)
     ms = statistics.median(cuda_timer(lambda: dst.copy_(src), iters, warmup))
     moved = 2 * src.numel() * src.element_size()
-    del src, dst
     return {"what": "copy", "bytes": moved, "ms": ms, "gbs": moved / ms / 1e6}
 
 
@@ -120,7 +120,6 @@ def release() -> None:
 
 
 def build_unit(kind: str, norm: str, groups: int, channels: int, mode: str) -> nn.Module:
-    from models.norms import NormAct, NormSpec, ScaleOnlyNorm
 
     spec = NormSpec(kind=norm, num_groups=groups, proxy_norm=kind != "silu", fused_norm=mode)
     if kind == "scale":
@@ -173,8 +172,6 @@ def per_kernel(step: Callable[[], None], bytes_per_kernel: Dict[str, int], copy_
 
 def bench_shape(shape: Sequence[int], args: argparse.Namespace, copy_gbs: float,
                 kind: Optional[str] = None) -> List[Dict]:
-    from models import fused_norm as fn
-
     kind = kind or args.kind
     B, C, H, W = shape
     dtype = DTYPES[args.dtype]
@@ -276,8 +273,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not torch.cuda.is_available() and not CPU_SMOKE:
         fail("needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
              f"(torch {torch.__version__}); the fused kernels are Triton GPU kernels. Nothing was measured.")
-    from models import fused_norm as fn
-
     if fn.triton_error() is not None:
         fail(f"the fused kernels cannot run: {fn.triton_error()}")
     if args.tile:

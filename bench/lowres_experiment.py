@@ -20,6 +20,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from train.config import load_config
+from train.run_plan import check_data, plan_run
+from train.trainer import Trainer
+
 DEFAULT_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
 
@@ -29,7 +33,8 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> List[str]:
         "data.dataset=tar", f"data.path={args.data}", f"data.workers={args.workers}",
         f"data.train_subset={args.train_subset}", f"data.val_subset={args.val_subset}",
         "data.crop_scale=[0.25,1.0]", f"train.device={args.device}", f"train.micro_batch_size={args.batch_size}",
-        f"train.val_batch_size={args.batch_size * 2}", f"precision.compute={args.precision}", "train.weight_avg_decay=0.6", "optimizer.name=adamw",
+        f"train.val_batch_size={args.batch_size * 2}", f"precision.compute={args.precision}",
+        "train.weight_avg_decay=0.6", "optimizer.name=adamw",
         f"optimizer.lr={args.lr}", f"optimizer.reference_batch={args.batch_size}", "optimizer.eps=1e-8",
         "optimizer.weight_decay=0.05", "schedule.name=cosine", "schedule.warmup_epochs=0.5", f"train.seed={args.seed}",
         "logging.wandb=disabled", "logging.log_every=1000000", f"logging.run_dir={args.run_dir}",
@@ -42,16 +47,12 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> List[str]:
     return common + [
         f"train.resolution={args.low}", f"train.epochs={args.epochs - args.finetune_epochs}", "finetune.enabled=true",
         f"finetune.resolution={args.native}", f"finetune.epochs={args.finetune_epochs}",
-        f"finetune.first_trainable={args.first_trainable}", f"finetune.lr={args.finetune_lr}",
-        f"finetune.reference_batch={args.batch_size}",
+        f"finetune.first_trainable={args.first_trainable}", f"finetune.optimizer.lr={args.finetune_lr}",
+        f"finetune.optimizer.reference_batch={args.batch_size}",
     ]
 
 
 def run_arm(arm: str, args: argparse.Namespace) -> Dict:
-    from train.config import load_config
-    from train.run_plan import check_data, plan_run
-    from train.trainer import Trainer
-
     cfg = load_config(args.config, arm_overrides(arm, args))
     started = time.time()
     with warnings.catch_warnings():

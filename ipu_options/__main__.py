@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from models import build_model
+from train.backends import IPUBackend, make_backend
 from train.cli import run_guarded
-from train.config import load_config
-from train.run_plan import plan_run
+from train.config import ConfigError, load_config
+from train.run_plan import RunPlan, plan_run
 
 from .plan import describe
 
@@ -58,15 +60,35 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def job() -> None:
         cfg = load_config(args.config, args.overrides)
-        plan_run(cfg)  # the same checks as python -m train, before describing or compiling anything
+        plan = plan_run(cfg)  # the same checks as python -m train, before describing or compiling anything
         if args.describe:
-            print(compact_json(describe(cfg, args.config)))
+            print(compact_json(describe(cfg, plan.phases, args.config)))
             return
-        from train.backends.ipu_backend import compile_only  # imports PopTorch
-
-        compile_only(cfg, log=lambda entry: print(json.dumps(entry), flush=True))
+        if cfg.train.backend != "ipu":
+            raise ConfigError(f"train.backend: {cfg.train.backend!r}: --compile-only compiles IPU executables; set "
+                              "train.backend: ipu")
+        compile_only(plan, log=lambda entry: print(json.dumps(entry), flush=True))
 
     return run_guarded(job)
+
+
+def compile_only(plan: RunPlan, log: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
+    """Compile every phase's training and validation models for an offline IPU target (needs PopTorch)."""
+    cfg = plan.cfg
+    results = []
+    model = build_model(cfg.model)
+    for phase in plan.phases:
+        backend = make_backend(cfg, phase, model, offline=True)
+        try:
+            assert isinstance(backend, IPUBackend)  # train.backend: ipu, checked above
+            backend.compile()
+        finally:
+            backend.close()
+        entry = {"phase": phase.name, "resolution": phase.resolution, "compiled": True,
+                 "validation_resolutions": list(phase.val_resolutions)}
+        log(entry)
+        results.append(entry)
+    return results
 
 
 if __name__ == "__main__":

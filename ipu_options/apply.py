@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -60,9 +60,3 @@ def build_options(poptorch: ModuleType, plan: IpuPhasePlan, *, training: bool,
     opts = new_options(poptorch, plan, popdist)
     calls = (training_calls if training else validation_calls)(plan, popdist=popdist is not None, offline=offline)
     return apply_calls(opts, calls, poptorch)
-
-
-def options_summary(opts: Any) -> Dict[str, Any]:
-    """A few read-back attributes (for logs and tests)."""
-    return {"device_iterations": opts.device_iterations, "replication_factor": opts.replication_factor,
-            "gradient_accumulation": opts.Training.gradient_accumulation}

@@ -42,22 +42,33 @@ class PipelineStage:
                 "backward pass then recomputes one block at a time from stored block outputs"})
 
 
+def _same_as(name: str) -> str:
+    return f"as ipu.{name}, for the fine-tune phase; null = ipu.{name}"
+
+
 @dataclass
 class IpuPhaseOverride:
-    """Fields of ``ipu`` the fine-tune phase may set differently; null = the main phase's value."""
+    """Fields of ``ipu`` the fine-tune phase may set differently: a key given here replaces the main section's
+    value, a null one keeps it (the rule every phase section follows, e.g. ``finetune.optimizer``)."""
 
-    replicas: Optional[int] = field(default=None, metadata={"min": 1})
-    device_iterations: Optional[int] = field(default=None, metadata={"min": 1})
-    pipeline: Optional[List[PipelineStage]] = None
-    available_memory_proportion: Union[float, List[float], None] = None
-    auto_round_num_ipus: Optional[bool] = None
-    recomputation: Optional[Recomputation] = None
-    eval_device_iterations: Optional[int] = field(default=None, metadata={"min": 1})
-    eval_micro_batch_size: Optional[int] = field(default=None, metadata={"min": 1})
-    stochastic_rounding: Optional[bool] = None
-    offload_optimizer: Optional[bool] = None
-    replicated_tensor_sharding: Optional[bool] = None
-    rebatched_worker_size: Optional[int] = field(default=None, metadata={"min": 1})
+    replicas: Optional[int] = field(default=None, metadata={"min": 1, "help": _same_as("replicas")})
+    device_iterations: Optional[int] = field(default=None, metadata={"min": 1, "help": _same_as("device_iterations")})
+    pipeline: Optional[List[PipelineStage]] = field(default=None, metadata={
+        "help": "as ipu.pipeline (the whole list), for the fine-tune phase; null = ipu.pipeline"})
+    available_memory_proportion: Union[float, List[float], None] = field(default=None, metadata={
+        "help": _same_as("available_memory_proportion")})
+    auto_round_num_ipus: Optional[bool] = field(default=None, metadata={"help": _same_as("auto_round_num_ipus")})
+    recomputation: Optional[Recomputation] = field(default=None, metadata={"help": _same_as("recomputation")})
+    eval_device_iterations: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": _same_as("eval_device_iterations")})
+    eval_micro_batch_size: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": _same_as("eval_micro_batch_size")})
+    stochastic_rounding: Optional[bool] = field(default=None, metadata={"help": _same_as("stochastic_rounding")})
+    offload_optimizer: Optional[bool] = field(default=None, metadata={"help": _same_as("offload_optimizer")})
+    replicated_tensor_sharding: Optional[bool] = field(default=None, metadata={
+        "help": _same_as("replicated_tensor_sharding")})
+    rebatched_worker_size: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": _same_as("rebatched_worker_size")})
 
 
 @dataclass
@@ -89,7 +100,8 @@ class IpuConfig:
     # --- numerics ----------------------------------------------------------------------------------------------
     partials_type: Literal["auto", "half", "float"] = field(default="auto", metadata={
         "help": "conv/matmul partials; auto = half with 16.x precision, float with fp32"})
-    stochastic_rounding: bool = False
+    stochastic_rounding: bool = field(default=False, metadata={
+        "help": "stochastic rounding of half-precision results (off in the paper's recipes)"})
     stable_norm: bool = field(default=True, metadata={"help": "PopART's slower, more accurate norm statistics"})
     norm_precision: Literal["float", "half"] = field(default="float", metadata={
         "help": "16.16: run GroupNorm/LayerNorm in float (cast in and out) or in half like the rest; 16.32 always "
@@ -101,7 +113,9 @@ class IpuConfig:
         "help": "PopTorch's automatic loss scaling (preview); otherwise precision.loss_scale is static"})
     accum_type: Literal["float", "half"] = field(default="float", metadata={
         "help": "optimizer accumulator and momentum dtype"})
-    conv_dithering: bool = False
+    conv_dithering: bool = field(default=False, metadata={
+        "help": "Poplar convolution dithering (enableConvDithering), which spreads convolution work over more "
+                "tiles; training graph only"})
     # --- memory and communication ------------------------------------------------------------------------------
     offload_optimizer: bool = field(default=False, metadata={"help": "optimizer state in streaming memory"})
     replicated_tensor_sharding: bool = field(default=False, metadata={
@@ -114,7 +128,9 @@ class IpuConfig:
         default="overlap_memory", metadata={"help": "accumulateOuterFragmentSettings.schedule (replicas > 1)"})
     merge_collectives: bool = field(default=True, metadata={"help": "merge the all-reduces of replicas > 1"})
     # --- host side ---------------------------------------------------------------------------------------------
-    dataloader_mode: Literal["sync", "async", "async_rebatched"] = "async_rebatched"
+    dataloader_mode: Literal["sync", "async", "async_rebatched"] = field(default="async_rebatched", metadata={
+        "help": "poptorch.DataLoaderMode: async_rebatched loads on worker processes in small batches and rebatches "
+                "them for the device (Graphcore's default for image recipes)"})
     rebatched_worker_size: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "AsyncRebatched: samples per worker batch (<= one host call); null = PopTorch's"})
     executable_cache: Optional[str] = field(default=None, metadata={

@@ -55,11 +55,6 @@ def instance_index() -> int:
     return int(popdist.getInstanceIndex()) if popdist is not None else 0
 
 
-def instance_count() -> int:
-    popdist = popdist_module()
-    return int(popdist.getNumInstances()) if popdist is not None else 1
-
-
 def broadcast_int(value: int) -> int:
     """Instance 0's ``value`` on every instance."""
     if popdist_module() is None:

@@ -10,8 +10,8 @@ from types import ModuleType
 from typing import List, Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from models.norms import ScaleOnlyNorm
 from models.proxy_norm import ProxyNormActivation
@@ -88,7 +88,7 @@ def prepare_precision(network: nn.Module, compute: str, norm_precision: str = "f
       float: their statistics are computed in float and the result is cast to the activation dtype.
     - ``16.32``: float master weights (the optimizer updates fp32), half compute: every conv and linear casts
       its input and weights to half inside the graph, so the PopTorch dispatcher does not upcast the op to float
-      (mixed inputs are upcast, poptorch-api.md §6). Norms run in float.
+      (mixed inputs are upcast: docs/ipu.md, "PopTorch 3.4 facts"). Norms run in float.
     """
     if compute == "fp32":
         return torch.float32

@@ -4,7 +4,7 @@ Three steps, each testable on its own:
 
 1. :func:`resolve_phase` merges ``ipu`` with ``ipu.finetune`` for the fine-tune phase, resolves every stage's
    memory proportion and validates the layout against the model *before* anything compiles; every mistake is a
-   :class:`~train.config.ConfigError` naming the key (``ipu.pipeline[1].start``), the value and what is allowed.
+   :class:`PlanError` naming the key (``ipu.pipeline[1].start``), the value and what is allowed.
 2. :func:`training_calls` / :func:`validation_calls` turn an :class:`IpuPhasePlan` into an ordered list of option
    calls, e.g. ``Call("Training.gradientAccumulation", (4,))``. Enum arguments are :class:`Symbol` names
    (``"OutputMode.All"``, ``"torch.float16"``) and objects to construct are :class:`New`, so the list is plain
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from models.config import ModelConfig
-from models.efficientnet import block_plan
+from models.splits import split_point_names
 
 from .config import PHASE_FIELDS, IpuConfig, PipelineStage
 
-# PopART enums are passed to ``_Popart.set`` as ints (poptorch-api.md §1.4).
+# PopART enums are passed to ``_Popart.set`` as ints (docs/ipu.md, "PopTorch 3.4 facts the code relies on").
 RECOMPUTATION_TYPE = {"none": 0, "standard": 1, "norm_only": 2, "pipeline": 3, "recompute_all": 4}
 OUTER_FRAGMENT_SCHEDULE = {"scheduler": 0, "serial": 1, "overlap_cycles": 2, "overlap_memory": 3}
 IPU_PRECISIONS = ("16.16", "16.32", "fp32")
@@ -37,10 +36,13 @@ MAX_IPUS_PER_PROCESS = 64
 CACHE_ENV = "POPTORCH_CACHE_DIR"  # read by poptorch.Options() itself
 
 
-def _config_error(message: str) -> Exception:
-    from train.config import ConfigError  # train.config imports this package's config module: import late
+class PlanError(ValueError):
+    """An IPU setting PopTorch or the hardware would refuse; names the config key, the value and what is allowed.
+    The trainer reports it like any config mistake (one line, exit code 2)."""
 
-    return ConfigError(message)
+
+def _config_error(message: str) -> PlanError:
+    return PlanError(message)
 
 
 # ------------------------------------------------------------------------------------------- plain-data calls
@@ -72,9 +74,6 @@ class Call:
     def to_json(self) -> Dict[str, Any]:
         return {"call": self.path, "args": [_json_arg(a) for a in self.args]}
 
-    def render(self) -> str:
-        return f"opts.{self.path}({', '.join(_render_arg(a) for a in self.args)})"
-
 
 def _json_arg(arg: Any) -> Any:
     if isinstance(arg, New):
@@ -84,15 +83,6 @@ def _json_arg(arg: Any) -> Any:
     if isinstance(arg, (list, tuple)):
         return [_json_arg(v) for v in arg]
     return arg
-
-
-def _render_arg(arg: Any) -> str:
-    if isinstance(arg, Symbol):
-        return arg if arg.startswith("torch.") else f"poptorch.{arg}"
-    if isinstance(arg, New):
-        return f"poptorch.{arg.cls}()" + "".join(f".{c.path}({', '.join(map(_render_arg, c.args))})"
-                                                  for c in arg.calls)
-    return repr(arg)
 
 
 def calls_to_json(calls: Sequence[Call]) -> List[Dict[str, Any]]:
@@ -190,17 +180,6 @@ class IpuPhasePlan:
             "optimizer_state_in_checkpoints": self.keep_optimizer_state,
             "executable_cache": self.executable_cache or os.environ.get(CACHE_ENV),
         }
-
-
-def split_names(model_cfg: ModelConfig) -> List[str]:
-    """Names a pipeline stage may start at, in execution order, without building the model.
-
-    Equal to :func:`models.efficientnet.split_points` of the built network (the tests check it).
-    """
-    names = ["stem"]
-    for s, stage in enumerate(block_plan(model_cfg)):
-        names += [f"blocks.{s}.{i}" for i in range(len(stage))]
-    return names + ["head", "classifier"]
 
 
 def phase_settings(ipu: IpuConfig, finetune: bool) -> Tuple[IpuConfig, Dict[str, str]]:
@@ -333,7 +312,7 @@ def resolve_phase(cfg: Any, phase: Any) -> IpuPhasePlan:
     """The validated IPU plan of one :class:`train.phases.Phase` of ``cfg``."""
     finetune = phase.name == "finetune"
     settings, keys = phase_settings(cfg.ipu, finetune)
-    names = split_names(cfg.model)
+    names = split_point_names(cfg.model)
     stages = resolve_stages(settings, keys, names, cfg.model.name)
     n_ipus = stages[-1].ipu + 1
     section = "finetune" if finetune else "train"
@@ -498,15 +477,13 @@ def launch_command(cfg: Any, plan: IpuPhasePlan, config_path: Optional[str], sep
             f"--ipus-per-replica {plan.ipus_per_replica} {target}")
 
 
-def describe(cfg: Any, config_path: Optional[str] = None) -> Dict[str, Any]:
-    """One JSON-able document for every phase of ``cfg``: geometry, stages and the option calls."""
-    from train.phases import run_phases
-
+def describe(cfg: Any, phases: Sequence[Any], config_path: Optional[str] = None) -> Dict[str, Any]:
+    """One JSON-able document for the ``phases`` of ``cfg``: geometry, stages and the option calls."""
     out: Dict[str, Any] = {"config": cfg.name, "model": cfg.model.name, "backend": cfg.train.backend,
                            "precision": cfg.precision.compute, "loss_scale": cfg.precision.loss_scale,
                            "phases": []}
     first: Optional[IpuPhasePlan] = None
-    for phase in run_phases(cfg):
+    for phase in phases:
         plan = resolve_phase(cfg, phase)
         first = first or plan
         popdist = plan.instances > 1
@@ -526,7 +503,7 @@ def describe(cfg: Any, config_path: Optional[str] = None) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["Call", "IpuPhasePlan", "New", "StagePlan", "Symbol", "calls_to_json", "check_ipus_per_process",
+__all__ = ["Call", "IpuPhasePlan", "New", "PlanError", "StagePlan", "Symbol", "calls_to_json", "check_ipus_per_process",
            "constructor", "describe", "executable_cache", "launch_command", "needs_own_launch", "phase_settings",
-           "resolve_phase", "resolve_stages", "split_names", "training_calls", "validates_mid_phase",
+           "resolve_phase", "resolve_stages", "training_calls", "validates_mid_phase",
            "validation_calls"]

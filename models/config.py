@@ -16,19 +16,32 @@ ModelName = Literal[
 @dataclass
 class ModelConfig:
     name: ModelName = field(default="efficientnet-b0", metadata={"help": "architecture preset"})
-    group_dim: int = field(default=1, metadata={"min": 1, "help": "channels per group of every MBConv kxk conv (1 = depthwise, 16 = G16); V2's fused convs stay dense"})
-    expand_ratio: Optional[int] = field(default=None, metadata={"min": 1, "help": "expansion of the MBConv stages that expand (V1: 2-7; G16 recipe: 4), not of V2's fused stages; null keeps the table's"})
-    norm: Literal["batch", "group", "layer"] = field(default="batch", metadata={"help": "layer = GroupNorm with one group"})
+    group_dim: int = field(default=1, metadata={
+        "min": 1, "help": "channels per group of every MBConv kxk conv (1 = depthwise, 16 = G16); V2's fused convs "
+                          "stay dense"})
+    expand_ratio: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "expansion of the MBConv stages that expand (V1: 2-7; G16 recipe: 4), not of V2's fused "
+                          "stages; null keeps the table's"})
+    norm: Literal["batch", "group", "layer"] = field(default="batch", metadata={
+        "help": "layer = GroupNorm with one group"})
     num_groups: int = field(default=4, metadata={"min": 1, "help": "groups of the group norm"})
-    norm_eps: float = field(default=1e-3, metadata={"min": 0.0})
+    norm_eps: float = field(default=1e-3, metadata={"min": 0.0, "help": "epsilon of every norm (TensorFlow's 1e-3)"})
     proxy_norm: bool = field(default=False, metadata={"help": "proxy-normalised activations (group/layer only)"})
-    num_classes: int = field(default=1000, metadata={"min": 1})
-    in_channels: int = field(default=3, metadata={"min": 1})
-    width_mult: Optional[float] = field(default=None, metadata={"min": 0.0, "help": "override the preset's width coefficient"})
-    depth_mult: Optional[float] = field(default=None, metadata={"min": 0.0, "help": "override the preset's depth coefficient"})
-    dropout: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
-    survival_prob: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
-    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels for CUDA: on = use them (error if impossible); auto and off = the PyTorch modules. auto will pick the kernels on CUDA once they have passed their tests on a real GPU and won there; so far they have run only in Triton's interpreter."})
+    num_classes: int = field(default=1000, metadata={"min": 1, "help": "classifier outputs (ImageNet: 1000)"})
+    in_channels: int = field(default=3, metadata={"min": 1, "help": "image channels the stem takes"})
+    width_mult: Optional[float] = field(default=None, metadata={
+        "min": 0.0, "help": "override the preset's width coefficient"})
+    depth_mult: Optional[float] = field(default=None, metadata={
+        "min": 0.0, "help": "override the preset's depth coefficient"})
+    dropout: Optional[float] = field(default=None, metadata={
+        "min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
+    survival_prob: float = field(default=0.8, metadata={
+        "min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
+    fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "fused Triton group/layer norm + swish + proxy norm kernels for CUDA: on = use them (error if "
+                "impossible); auto and off = the PyTorch modules. auto will pick the kernels on CUDA once they "
+                "have passed their tests on a real GPU and won there; so far they have run only in Triton's "
+                "interpreter"})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

@@ -44,8 +44,8 @@ Triton is imported here, guarded: without it (Poplar SDK env, CPU-only installs)
 Triton is imported) runs the kernels in Triton's CPU interpreter, on CPU tensors: that is how the tests check them
 without a GPU; ``fused_norm: on`` accepts CPU tensors then, ``auto`` never does.
 
-torch.compile: ``on`` runs each fused unit eagerly behind a graph break. Registering the kernels as ``torch.library`` custom ops
-(compile + CUDA graphs without breaks) is left for later.
+torch.compile: ``on`` runs each fused unit eagerly behind a graph break. Registering the kernels as
+``torch.library`` custom ops (compile + CUDA graphs without breaks) is left for later.
 """
 
 from __future__ import annotations
@@ -399,10 +399,6 @@ if _TRITON_ERROR is None:
 #: Elements per tile (one loop step of one program) and per program (a chunk); the bench can override them.
 TILE_ELEMS = int(os.environ.get("EFFNET_FUSED_NORM_TILE", 2048))
 CHUNK_ELEMS = int(os.environ.get("EFFNET_FUSED_NORM_CHUNK", 32768))
-
-
-def _pow2_at_most(n: int) -> int:
-    return 1 << max(0, int(n).bit_length() - 1)
 
 
 def _next_pow2(n: int) -> int:

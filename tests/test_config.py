@@ -87,7 +87,8 @@ def test_cli_prints_resolved_config_and_user_errors_without_traceback():
     assert ok.returncode == 0, ok.stderr
     printed = yaml.safe_load(ok.stdout)
     assert printed["model"]["proxy_norm"] is True and printed["train"]["epochs"] == 2
-    bad = subprocess.run(cmd + ["--print-config", "--set", "model.nrom=layer"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(cmd + ["--print-config", "--set", "model.nrom=layer"], cwd=ROOT, capture_output=True,
+                         text=True)
     assert bad.returncode == 2
     assert "did you mean 'model.norm'" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -118,3 +119,22 @@ def test_run_names_stay_inside_the_run_folder():
         with pytest.raises(ConfigError, match="name: .* is not a plain folder name"):
             load_config(None, [f"name={bad!s}"] if bad else ["name=''"])
     assert load_config(None, ["name=b0-g16_ln+pn.v2"]).name == "b0-g16_ln+pn.v2"
+
+
+def test_every_key_is_documented_and_docs_config_md_is_current():
+    from train.config_docs import key_docs, render_markdown
+
+    docs = key_docs()
+    assert [d.key for d in docs if not d.help] == []
+    assert {"model.name", "train.nonfinite", "finetune.optimizer.lr", "ipu.pipeline[].start",
+            "ipu.finetune.replicas"} <= {d.key for d in docs}
+    expected = render_markdown(docs)
+    assert (ROOT / "docs" / "config.md").read_text() == expected, \
+        "docs/config.md is stale: regenerate it with python -m train --help-config markdown > docs/config.md"
+
+
+def test_help_lists_every_key_with_type_default_and_allowed_values():
+    done = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "  train.nonfinite  (choice) = stop  [stop, skip]" in done.stdout
+    assert "  optimizer.lr  (float) = 0.046875  [>= 0.0]" in done.stdout

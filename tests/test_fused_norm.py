@@ -68,7 +68,7 @@ def _run(module: nn.Module, x: torch.Tensor, upstream):
         outs = [out, scale]
     else:
         outs = [module(x)]
-    loss = sum((o.float() * u).sum() for o, u in zip(outs, upstream))
+    loss = sum((o.float() * u).sum() for o, u in zip(outs, upstream, strict=True))
     loss.backward()
     grads = {"x": x.grad.float()}
     grads.update({n: p.grad.float() for n, p in module.named_parameters() if p.grad is not None})
@@ -101,7 +101,7 @@ def compare(kind: str, norm: str, layout: str, shape, dtype: torch.dtype, device
               "out_dtype": str(raw.dtype), "same_strides": raw.stride() == x_fused.stride(),
               "grad_keys": sorted(grads_r), "grad_keys_fused": sorted(grads_f)}
     errs = {}
-    for i, (a, b) in enumerate(zip(outs_f, outs_r)):
+    for i, (a, b) in enumerate(zip(outs_f, outs_r, strict=True)):
         errs[f"out{i}"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
     for k in grads_r:
         if k in grads_f:

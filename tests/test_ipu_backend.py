@@ -15,14 +15,13 @@ from conftest import TINY_MODEL
 from fake_poptorch import PoptorchError, cpu_has_half_convolutions, install
 from ipu_options.apply import apply_calls, build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import resolve_phase, training_calls
+from ipu_options.plan import PlanError, resolve_phase, training_calls
 from models import build_model
 from train.backends import process_rank
 from train.backends.torch_backend import BackendError
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
-from train.optim import build_optimizer
 from train.phases import run_phases
 from train.task import ClassificationTask
 
@@ -56,14 +55,10 @@ def tiny(*extra):
 
 
 def make_backend(cfg, phase_index=0):
-    from train.backends.ipu_backend import IPUBackend
+    from train.backends import make_backend as backend_for
 
-    phase = run_phases(cfg)[phase_index]
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    task = ClassificationTask(model, cfg.model.num_classes, cfg.train.label_smoothing)
-    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    return IPUBackend(cfg, phase, task, lambda gb: build_optimizer(phase.optimizer, groups, gb))
+    return backend_for(cfg, run_phases(cfg)[phase_index], build_model(cfg.model))
 
 
 # ---------------------------------------------------------------------------------- builders on Options
@@ -268,12 +263,12 @@ def test_eval_pads_the_last_call_and_counts_every_sample_once(fake):
 def test_host_model_keeps_fp32_weights_and_syncs(fake):
     cfg = tiny("precision.compute='16.16'")
     backend = make_backend(cfg)
-    host = backend.model
+    host = backend.host_model()
     before = {k: v.clone() for k, v in host.state_dict().items()}
     images = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8)
     backend.train_call(images, torch.arange(6) % 10, None)
     assert backend.ipu_task.model.stem.conv.weight.dtype == torch.float16
-    after = backend.model.state_dict()
+    after = backend.host_model().state_dict()
     assert all(v.dtype == before[k].dtype for k, v in after.items())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     backend.set_weights(before)
@@ -293,7 +288,7 @@ def test_without_poprun_one_process_drives_every_replica(fake):
 
 def test_without_poprun_the_ipus_of_every_replica_must_fit_one_process(fake):
     with pytest.warns(UserWarning, match="not started by poprun"):
-        with pytest.raises(ConfigError, match=r"ipu.replicas: 6 over ipu.instances: 1 host process\(es\) \(this "
+        with pytest.raises(PlanError, match=r"ipu.replicas: 6 over ipu.instances: 1 host process\(es\) \(this "
                                               r"process was not started by poprun.*= 12 IPUs in one process"):
             make_backend(tiny("ipu.replicas=6", "ipu.instances=3"))  # 4 IPUs per instance, 12 in one process
 
@@ -342,7 +337,7 @@ def test_pod_launch_must_match_the_recipe(monkeypatch):
         make_backend(tiny("ipu.replicas=2", "ipu.instances=2"))
     install(monkeypatch, popdist=dict(POD, instance=0, total_replicas=6))  # 3 replicas x 2 IPUs per instance
     with pytest.warns(UserWarning, match="poprun launched 2 instances"):
-        with pytest.raises(ConfigError, match=r"\(poprun launched 2\) puts 3 replica\(s\) x 2 IPU\(s\) = 6 IPUs"):
+        with pytest.raises(PlanError, match=r"\(poprun launched 2\) puts 3 replica\(s\) x 2 IPU\(s\) = 6 IPUs"):
             make_backend(tiny("ipu.replicas=6", "ipu.instances=3"))
 
 

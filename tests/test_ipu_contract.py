@@ -4,8 +4,8 @@ Every test takes ``impl``, parametrised by implementation: ``fake`` (tests/fake_
 (the Poplar SDK's ``poptorch``, wherever it imports; skipped elsewhere). The same assertions run on both, so the
 fake cannot drift from PopTorch without a test failing on an SDK machine. Tests that need IPUs (device rules,
 training steps) run for ``real`` only where IPUs are found or ``POPTORCH_IPU_MODEL=1`` is set, and assume as many
-IPUs as they ask for (up to 8); offline compiles need no IPU. The fake's errors are checked by type and message; PopTorch's types and wording are its own, so for
-``real`` any exception counts as a refusal.
+IPUs as they ask for (up to 8); offline compiles need no IPU. The fake's errors are checked by type and message;
+PopTorch's types and wording are its own, so for ``real`` any exception counts as a refusal.
 """
 
 import enum
@@ -169,7 +169,8 @@ class _Schedule(enum.IntEnum):  # what popart.AccumulateOuterFragmentSchedule wo
 
 PROJECT_KEYS = [
     ("convolutionOptions", {"partialsType": "half", "enableConvDithering": "true"}),
-    ("engineOptions", {"opt.internalExchangeOptimisationTarget": "balanced", "target.deterministicWorkers": "portable"}),
+    ("engineOptions", {"opt.internalExchangeOptimisationTarget": "balanced",
+                       "target.deterministicWorkers": "portable"}),
     ("groupNormStridedChannelGrouping", True), ("explicitRecomputation", True), ("autoRecomputation", 4),
     ("scheduleNonWeightUpdateGradientConsumersEarly", True), ("disableGradAccumulationTensorStreams", True),
     ("disableOptimizerStateTensorStreams", True), ("accumulateOuterFragmentSettings.schedule", 3),
@@ -249,7 +250,7 @@ def test_blocks_losses_and_model_rules(impl):
     pt = impl.poptorch
     layer = nn.Linear(2, 2)
     assert pt.BeginBlock(layer, "a", ipu_id=0) is layer
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 -- PopTorch's own type; any refusal counts (module docstring)
         pt.BeginBlock(layer, "b", ipu_id=1)  # a module gets one block
     block = pt.BeginBlock(torch.relu, "c", ipu_id=0)  # a plain callable is wrapped
     assert torch.equal(block(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))

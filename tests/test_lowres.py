@@ -10,15 +10,17 @@ from conftest import FASHION_MNIST, TINY_MODEL, needs_fashion
 from data import build_dataset, build_transform
 from data.base import SampleKey
 from models import ModelConfig, build_model
+from models.splits import freeze_before
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
-from train.finetune import freeze_before, main as finetune_main
+from train.finetune import main as finetune_main
 from train.phases import finetune_phase, half_resolution, run_phases, training_phase
 from train.validate import main as validate_main
 
 TINY = TINY_MODEL + [
-    "data.workers=0", "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500", "train.micro_batch_size=32",
+    "data.workers=0", "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500",
+    "train.micro_batch_size=32",
     "train.val_batch_size=250", "optimizer.lr=0.1", "optimizer.reference_batch=256", "schedule.name=cosine",
     "schedule.warmup_epochs=0.1", "logging.wandb=disabled", "logging.log_every=8", "train.seed=3",
 ]
@@ -52,11 +54,14 @@ def test_modulo_32_rule_warns_and_errors_when_strict():
 
 
 def test_unknown_first_trainable_lists_valid_names():
-    model = build_model(ModelConfig())
+    from train.run_plan import plan_run
+
     with pytest.raises(ConfigError) as err:
-        freeze_before(model, "blocks.9.0")
-    assert "'blocks.9.0' is not a split point" in str(err.value)
+        plan_run(load_config(None, ["finetune.enabled=true", "finetune.first_trainable=blocks.9.0"]))
+    assert "finetune.first_trainable: 'blocks.9.0' is not a split point" in str(err.value)
     assert "blocks.5.3" in str(err.value) and "head" in str(err.value)
+    with pytest.raises(ValueError, match="'blocks.9.0' is not a split point"):
+        freeze_before(build_model(ModelConfig()), "blocks.9.0")
 
 
 def test_finetune_phase_defaults_follow_the_paper():
@@ -194,7 +199,29 @@ def test_progressive_run_changes_resolution_and_reports_cost(tmp_path, capsys):
     assert by_epoch == {(0, 16), (1, 32)}
     cost = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{\"cost")][0]
     macs = build_model(load_config(None, TINY).model)
-    from models.summary import count_macs
+    from models.measure import count_macs
 
     expected = 256 * count_macs(macs, 16) + 256 * count_macs(macs, 32)
     assert cost["images"] == 512 and cost["forward_macs"] == expected and cost["seconds"] > 0
+
+
+def test_presets_train_at_their_own_training_resolution():
+    """V2 trains smaller than it is evaluated (V2-S: 300 for 384); V1 trains at its evaluation size."""
+    assert training_phase(load_config(None, ["model.name=efficientnetv2-s"])).resolution == 300
+    assert training_phase(load_config(None, ["model.name=efficientnetv2-b0"])).resolution == 192
+    assert training_phase(load_config(None, ["model.name=efficientnet-b3"])).resolution == 300
+    assert finetune_phase(load_config(None, ["model.name=efficientnetv2-s"])).resolution == 384
+
+
+def test_phase_overrides_follow_one_rule():
+    """A key set in a phase's section replaces the main section's; a null one keeps it (finetune.optimizer,
+    finetune.schedule and ipu.finetune alike)."""
+    cfg = load_config(None, ["finetune.enabled=true", "optimizer.eps=0.01", "optimizer.clip_grad_norm=2.0",
+                             "finetune.optimizer={name: adamw, lr: 0.1, weight_decay: null}",
+                             "finetune.schedule.warmup_epochs=0.5", "optimizer.weight_decay=0.03"])
+    tune = finetune_phase(cfg).optimizer
+    assert (tune.name, tune.lr, tune.reference_batch) == ("adamw", 0.1, 512)  # set here / the phase's default
+    assert (tune.eps, tune.clip_grad_norm, tune.weight_decay) == (0.01, 2.0, 0.03)  # kept from optimizer:
+    assert finetune_phase(cfg).schedule.warmup_epochs == 0.5
+    with pytest.raises(ConfigError, match="optimizer.clip_grad_norm: -1.0"):
+        finetune_phase(load_config(None, ["finetune.optimizer.clip_grad_norm=-1"]))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import TINY_MODEL, needs_fashion

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data import DataError
+from ipu_options.plan import PlanError
 
 from .backends import BackendError
 from .checkpoint import CheckpointError, find_resumable
@@ -27,7 +28,7 @@ from .run_plan import RunPlan, check_data, launch_world_size, plan_run
 from .trainer import Trainer, checkpoint_run_dir, list_run_dirs, resume_state
 
 #: Exceptions that are the user's to fix: one line on stderr, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError, StorageError)
+USER_ERRORS = (ConfigError, PlanError, DataError, CheckpointError, BackendError, StorageError)
 
 
 def build_parser() -> argparse.ArgumentParser:

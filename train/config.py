@@ -37,10 +37,11 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------- sections
 @dataclass
 class ProgressiveConfig:
-    """EfficientNetV2-style progressive learning inside the training phase (paper-notes §5.1)."""
+    """EfficientNetV2-style progressive learning inside the training phase (docs/paper.md, "EfficientNetV2")."""
 
     stages: int = field(default=4, metadata={"min": 2, "help": "equal slices of the epochs"})
-    start_resolution: int = field(default=128, metadata={"min": 8, "help": "first stage; the last uses train.resolution"})
+    start_resolution: int = field(default=128, metadata={
+        "min": 8, "help": "first stage; the last uses train.resolution"})
     mixup_alpha: Tuple[float, float] = field(default=(0.0, 0.0), metadata={"help": "first and last stage"})
     dropout: Tuple[float, float] = field(default=(0.1, 0.3), metadata={"help": "first and last stage"})
     randaugment: Optional[Tuple[float, float]] = field(
@@ -56,14 +57,17 @@ class ProgressiveConfig:
 class TrainConfig:
     backend: Literal["torch", "ipu"] = field(default="torch", metadata={"help": "torch (CPU/CUDA) or ipu (PopTorch)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "torch backend device"})
-    epochs: int = field(default=10, metadata={"min": 0})
+    epochs: int = field(default=10, metadata={"min": 0, "help": "epochs of the training phase"})
     max_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "stop after this many optimizer steps"})
     resolution: Union[int, Literal["half"], None] = field(
         default=None, metadata={"min": 8, "help": "training resolution: int, half, or null for the native one"})
     micro_batch_size: int = field(default=32, metadata={"min": 1, "help": "samples per forward pass"})
-    gradient_accumulation: int = field(default=1, metadata={"min": 1})
-    seed: int = field(default=0, metadata={"min": 0})
-    label_smoothing: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    gradient_accumulation: int = field(default=1, metadata={
+        "min": 1, "help": "micro-batches per optimizer step (global batch = micro x accumulation x processes)"})
+    seed: int = field(default=0, metadata={
+        "min": 0, "help": "initial weights, data order, augmentation and mixing all follow it"})
+    label_smoothing: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "share of the target "
+                                                                               "spread over all classes"})
     mixup_alpha: float = field(default=0.0, metadata={"min": 0.0, "help": "Beta(a, a) mixup; 0 = off"})
     cutmix_lambda: Optional[float] = field(
         default=None, metadata={"min": 0.0, "max": 1.0, "help": "fixed-lambda CutMix of the paper; null = off"})
@@ -74,7 +78,7 @@ class TrainConfig:
     validate_every: int = field(default=1, metadata={"min": 1, "help": "epochs between validations"})
     val_resolutions: List[int] = field(
         default_factory=list, metadata={"help": "validation resolutions; empty = the training resolution"})
-    val_batch_size: int = field(default=64, metadata={"min": 1})
+    val_batch_size: int = field(default=64, metadata={"min": 1, "help": "images per validation batch and process"})
     channels_last: bool = field(default=False, metadata={"help": "torch backend: NHWC memory format"})
     compile: bool = field(default=False, metadata={"help": "torch backend: torch.compile the model"})
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = field(
@@ -97,40 +101,18 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """The cheap high-resolution phase after reduced-resolution training (paper-notes §4, README §5)."""
-
-    enabled: bool = field(default=False, metadata={"help": "run the fine-tune phase after training"})
-    resolution: Optional[int] = field(default=None, metadata={"min": 8, "help": "null = the model's native size"})
-    epochs: int = field(default=2, metadata={"min": 0})
-    max_steps: Optional[int] = field(default=None, metadata={"min": 1})
-    optimizer: Literal["sgd", "rmsprop_tf", "adamw"] = "sgd"
-    momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    lr: float = field(default=0.25, metadata={"min": 0.0, "help": "at reference_batch; scaled by global batch"})
-    reference_batch: int = field(default=512, metadata={"min": 1})
-    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
-    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
-    warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})
-    first_trainable: str = field(default="head", metadata={"help": "split point; every layer before it is frozen"})
-    preprocessing: Literal["eval", "train"] = field(
-        default="eval", metadata={"help": "eval: resize + centre crop, no random crop or flip (the paper's)"})
-    strict_resolution: bool = field(
-        default=False, metadata={"help": "error (not warn) unless train % 32 == fine-tune resolution % 32"})
-    micro_batch_size: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
-    gradient_accumulation: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
-
-
-@dataclass
 class OptimizerConfig:
-    name: Literal["rmsprop_tf", "sgd", "adamw"] = "rmsprop_tf"
+    name: Literal["rmsprop_tf", "sgd", "adamw"] = field(default="rmsprop_tf", metadata={
+        "help": "rmsprop_tf: TensorFlow's RMSProp, the paper's; sgd; adamw"})
     lr: float = field(default=0.046875, metadata={"min": 0.0, "help": "at reference_batch; scaled by global batch"})
     reference_batch: int = field(default=768, metadata={"min": 1, "help": "lr = lr * global batch / reference_batch"})
-    weight_decay: float = field(default=1e-5, metadata={"min": 0.0})
-    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=1e-5, metadata={
+        "min": 0.0, "help": "L2 (rmsprop_tf, sgd) or decoupled (adamw) weight decay; not on norms and biases"})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "help": "rmsprop_tf and sgd"})
     rmsprop_decay: Optional[float] = field(
         default=None, metadata={"min": 0.0, "max": 1.0, "help": "null = the paper's 1 - 2^-14 * global batch"})
-    eps: float = field(default=1e-3, metadata={"min": 0.0})
-    nesterov: bool = False
+    eps: float = field(default=1e-3, metadata={"min": 0.0, "help": "rmsprop_tf (inside the square root) and adamw"})
+    nesterov: bool = field(default=False, metadata={"help": "sgd: Nesterov momentum"})
     betas: Tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "adamw"})
     clip_grad_norm: Optional[float] = field(default=None, metadata={
         "min": 0.0, "help": "clip the global L2 norm of the gradients to this value before each step; null = off"})
@@ -142,17 +124,81 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["exponential", "cosine", "constant"] = "exponential"
-    warmup_epochs: float = field(default=5.0, metadata={"min": 0.0})
+    name: Literal["exponential", "cosine", "constant"] = field(default="exponential", metadata={
+        "help": "after the warm-up: exponential decay (the paper's), cosine to 0, or constant"})
+    warmup_epochs: float = field(default=5.0, metadata={"min": 0.0, "help": "linear warm-up from 0 to the peak lr"})
     decay_rate: float = field(default=0.97, metadata={"min": 0.0, "max": 1.0, "help": "exponential: factor per decay"})
     decay_epochs: float = field(default=2.4, metadata={"min": 0.0, "help": "exponential: epochs between decays"})
+
+
+def overrides_of(section: Type[Any], defaults: Dict[str, Any], prefix: str) -> Type[Any]:
+    """A section of the same keys as ``section``, each null unless given: what a phase sets differently.
+
+    The one rule for phase-specific settings (``finetune.optimizer``, ``finetune.schedule``, and ``ipu.finetune``
+    in the ``ipu`` section): a key given there replaces the main section's value, a null one keeps it. ``defaults``
+    are the phase's own defaults (the paper's fine-tune uses SGD, not the training phase's RMSProp).
+    """
+    hints = typing.get_type_hints(section)
+    entries = []
+    for f in dataclasses.fields(section):
+        meta = dict(f.metadata)
+        meta["help"] = (meta.get("help", "") + f"; null = {prefix}.{f.name}").lstrip("; ")
+        entries.append((f.name, Optional[hints[f.name]], field(default=defaults.get(f.name), metadata=meta)))
+    return dataclasses.make_dataclass(f"{section.__name__}Override", entries)
+
+
+def merged(base: T, override: Any) -> T:
+    """``base`` with every non-null field of ``override`` (see :func:`overrides_of`), checked again."""
+    out = dataclasses.replace(base, **{f.name: getattr(override, f.name) for f in dataclasses.fields(override)
+                                       if getattr(override, f.name) is not None})
+    validate = getattr(out, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return out
+
+
+#: The paper's fine-tune (docs/paper.md, "Fine-tuning at the test resolution"): SGD without momentum, lr 2^-11 x 512 = 0.25 at batch 512, cosine.
+FinetuneOptimizer = overrides_of(OptimizerConfig, {"name": "sgd", "lr": 0.25, "reference_batch": 512,
+                                                   "momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
+                                 "optimizer")
+FinetuneSchedule = overrides_of(ScheduleConfig, {"name": "cosine", "warmup_epochs": 0.0}, "schedule")
+
+
+@dataclass
+class FinetuneConfig:
+    """The cheap high-resolution phase after reduced-resolution training (docs/paper.md, "Fine-tuning at the test
+    resolution")."""
+
+    enabled: bool = field(default=False, metadata={"help": "run the fine-tune phase after training"})
+    resolution: Optional[int] = field(default=None, metadata={"min": 8, "help": "null = the model's native size"})
+    epochs: int = field(default=2, metadata={"min": 0, "help": "epochs of the fine-tune phase"})
+    max_steps: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "stop the phase after this many optimizer steps; null = its epochs"})
+    # (generated sections: mypy cannot see their fields, the config loader and key docs can)
+    optimizer: FinetuneOptimizer = field(  # type: ignore[valid-type]
+        default_factory=FinetuneOptimizer,
+        metadata={"help": "optimizer keys that differ in this phase; null keys keep the optimizer section's"})
+    schedule: FinetuneSchedule = field(  # type: ignore[valid-type]
+        default_factory=FinetuneSchedule,
+        metadata={"help": "schedule keys that differ in this phase; null keys keep the schedule section's"})
+    first_trainable: str = field(default="head", metadata={"help": "split point; every layer before it is frozen"})
+    preprocessing: Literal["eval", "train"] = field(
+        default="eval", metadata={"help": "eval: resize + centre crop, no random crop or flip (the paper's)"})
+    strict_resolution: bool = field(
+        default=False, metadata={"help": "error (not warn) unless train % 32 == fine-tune resolution % 32"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
+    gradient_accumulation: Optional[int] = field(default=None, metadata={"min": 1, "help": "null = train's"})
 
 
 @dataclass
 class PrecisionConfig:
     compute: Literal["fp32", "bf16", "fp16", "16.16", "16.32"] = field(
         default="fp32", metadata={"help": "torch: fp32/bf16/fp16 autocast; ipu: 16.16 or 16.32 (compute.weights)"})
-    loss_scale: float = field(default=128.0, metadata={"min": 1.0, "help": "fp16: initial (torch) or static (IPU) scale"})
+    loss_scale: float = field(default=128.0, metadata={
+        "min": 1.0, "help": "fp16: initial (torch) or static (IPU) scale"})
 
 
 @dataclass
@@ -160,7 +206,7 @@ class LoggingConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = field(default="auto", metadata={
         "help": "auto: $WANDB_MODE if set, else online with an API key ($WANDB_API_KEY or ~/.netrc), else offline "
                 "(local files under <run folder>/wandb/, upload later with `wandb sync`)"})
-    project: str = "efficientnet-ipu"
+    project: str = field(default="efficientnet-ipu", metadata={"help": "W&B project"})
     entity: Optional[str] = field(default=None, metadata={"help": "W&B user or team; null = the API key's default"})
     name: Optional[str] = field(default=None, metadata={"help": "W&B run name; null = the run folder's name"})
     tags: List[str] = field(default_factory=list, metadata={"help": "W&B run tags"})
@@ -263,7 +309,7 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         items = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise _Mismatch
-        return tuple(_check_item(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+        return tuple(_check_item(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise _Mismatch

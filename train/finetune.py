@@ -1,7 +1,8 @@
-"""Fine-tuning: freezing everything before a split point, and ``python -m train.finetune`` from any checkpoint.
+"""``python -m train.finetune``: only the fine-tune phase, starting from any checkpoint's (averaged) weights.
 
 Only the last layers are trained at the test resolution, on test-style (resize + centre crop) images, which
-removes the train/test object-size discrepancy of random-resized crops (FixRes) at a fraction of the cost.
+removes the train/test object-size discrepancy of random-resized crops (FixRes) at a fraction of the cost; the
+layers before ``finetune.first_trainable`` are frozen (:func:`models.splits.freeze_before`).
 """
 
 from __future__ import annotations
@@ -11,28 +12,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from torch import nn
-
-from models import split_points
-
-from .config import ConfigError
-
-
-def freeze_before(model: nn.Module, first_trainable: str) -> List[nn.Module]:
-    """Stop gradients for every split point before ``first_trainable``; returns the frozen modules.
-
-    The caller keeps the frozen modules in eval mode, so their dropout, stochastic depth and BatchNorm
-    statistics stay fixed as well.
-    """
-    names = split_points(model)
-    if first_trainable not in names:
-        raise ConfigError(f"finetune.first_trainable: {first_trainable!r} is not a split point of this model; "
-                          f"valid names: {', '.join(names)}")
-    modules = dict(model.named_modules())
-    frozen = [modules[n] for n in names[:names.index(first_trainable)]]
-    for module in frozen:
-        module.requires_grad_(False)
-    return frozen
+from .checkpoint import load_checkpoint
+from .cli import init_distributed, run_guarded
+from .config import load_config
+from .run_plan import check_data, launch_world_size, plan_run
+from .trainer import Trainer, start_weights
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,18 +28,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set finetune.resolution=224")
     args = parser.parse_args(argv)
-    from .cli import run_guarded
-
-    return run_guarded(lambda: _finetune(Path(args.checkpoint), args.config, args.overrides))
+    return run_guarded(lambda: finetune(Path(args.checkpoint), args.config, args.overrides))
 
 
-def _finetune(checkpoint: Path, config: Optional[str], overrides: List[str]) -> None:
-    from .checkpoint import load_checkpoint
-    from .cli import init_distributed
-    from .config import load_config
-    from .run_plan import check_data, launch_world_size, plan_run
-    from .trainer import Trainer, start_weights
-
+def finetune(checkpoint: Path, config: Optional[str], overrides: List[str]) -> None:
     state = load_checkpoint(checkpoint)
     cfg = load_config(config, overrides, base=state["config"])
     plan = plan_run(cfg, only_finetune=True)

@@ -120,7 +120,7 @@ class RunLogger:
 
     def _warn(self, what: str) -> None:
         warnings.warn(f"{what}; continuing without W&B (metrics still go to {self.run_dir / 'metrics.jsonl'})",
-                      RuntimeWarning)
+                      RuntimeWarning, stacklevel=3)
 
     def _drop_wandb(self, what: str, err: Exception) -> None:
         self._warn(f"W&B {what} failed ({type(err).__name__}: {err})")

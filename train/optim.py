@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Type
 
 import torch
 
@@ -56,13 +56,22 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(cfg: OptimizerConfig, groups: List[Dict], global_batch: int) -> torch.optim.Optimizer:
-    """``groups`` come from :func:`models.param_groups` (weight decay already split)."""
+def hyperparameters(cfg: OptimizerConfig, global_batch: int) -> Dict[str, Any]:
+    """The optimizer's settings, by the keyword names torch and PopTorch share: the one place each
+    ``optimizer.name`` is turned into arguments (the IPU backend passes the same ones to PopTorch's classes)."""
     lr = peak_lr(cfg, global_batch)
     if cfg.name == "rmsprop_tf":
-        return RMSpropTF(groups, lr=lr, alpha=rmsprop_decay(cfg, global_batch), eps=cfg.eps, momentum=cfg.momentum)
+        return {"lr": lr, "alpha": rmsprop_decay(cfg, global_batch), "eps": cfg.eps, "momentum": cfg.momentum}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+        return {"lr": lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}
+    return {"lr": lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
 
 
+#: torch's class for each ``optimizer.name``.
+TORCH_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "rmsprop_tf": RMSpropTF, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(cfg: OptimizerConfig, groups: List[Dict], global_batch: int) -> torch.optim.Optimizer:
+    """``groups`` come from :func:`models.param_groups` (weight decay already split)."""
+    return TORCH_OPTIMIZERS[cfg.name](groups, **hyperparameters(cfg, global_batch))

@@ -3,21 +3,21 @@
 Each phase carries everything that may differ between them (resolution, batch geometry, preprocessing,
 optimizer, schedule, regularisation, frozen layers), so one loop runs both. The paper's recipe: train at about
 half the pixels, average the weights, then fine-tune the last layers briefly at the test resolution with
-test-style preprocessing (paper-notes §3-§5).
+test-style preprocessing (docs/paper.md, "Reduced-resolution training" and "Fine-tuning at the test resolution").
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
-from models import native_resolution
+from models import native_resolution, train_resolution
 
-from .config import Config, ConfigError, OptimizerConfig, ProgressiveConfig, ScheduleConfig
+from .config import Config, ConfigError, OptimizerConfig, ProgressiveConfig, ScheduleConfig, merged
 
-# The paper's reduced training resolutions (configs.yml of the reproduction; B2 is 196, not the README's 192).
+# The paper's reduced training resolutions (docs/paper.md, "Reduced-resolution training"; B2 is 196, not 192).
 HALF_RESOLUTION: Dict[str, int] = {
     "efficientnet-b0": 160, "efficientnet-b1": 176, "efficientnet-b2": 196,
     "efficientnet-b3": 204, "efficientnet-b4": 252, "efficientnet-b5": 328,
@@ -75,9 +75,11 @@ class Phase:
 
 
 def training_resolution(cfg: Config) -> int:
+    """``train.resolution``: an int, ``half`` (the paper's reduced size), or null: the preset's own training
+    size (V1: its evaluation size; V2: smaller, e.g. V2-S 300 for 384)."""
     res = cfg.train.resolution
     if res is None:
-        return native_resolution(cfg.model.name)
+        return train_resolution(cfg.model.name)
     return half_resolution(cfg.model.name) if res == "half" else int(res)
 
 
@@ -90,7 +92,10 @@ def progressive_stages(p: ProgressiveConfig, epochs: int, end_resolution: int) -
     stages = []
     for i in range(p.stages):
         t = i / (p.stages - 1)
-        lerp = lambda a, b: a + (b - a) * t  # noqa: E731
+
+        def lerp(a: float, b: float, t: float = t) -> float:
+            return a + (b - a) * t
+
         stages.append(Stage(first_epoch=math.floor(i * epochs / p.stages),
                             resolution=int(round(lerp(p.start_resolution, end_resolution))),
                             mixup_alpha=lerp(*p.mixup_alpha), dropout=lerp(*p.dropout),
@@ -128,9 +133,8 @@ def finetune_phase(cfg: Config) -> Phase:
     f, t = cfg.finetune, cfg.train
     res = f.resolution or native_resolution(cfg.model.name)
     check_resolution_rule(training_resolution(cfg), res, f.strict_resolution)
-    optimizer = replace(cfg.optimizer, name=f.optimizer, lr=f.lr, reference_batch=f.reference_batch,
-                        momentum=f.momentum, weight_decay=f.weight_decay, nesterov=False)
-    schedule = replace(cfg.schedule, name=f.schedule, warmup_epochs=f.warmup_epochs)
+    optimizer = merged(cfg.optimizer, f.optimizer)
+    schedule = merged(cfg.schedule, f.schedule)
     return Phase(
         name="finetune", epochs=f.epochs, max_steps=f.max_steps,
         micro_batch_size=f.micro_batch_size or t.micro_batch_size,

@@ -11,7 +11,6 @@ silently end that run's history, so it is refused too.
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 from .config import Config, ConfigError, config_to_dict

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 from data import ImageDataset, SampleKey, build_dataset, build_transform
-from ipu_options.plan import IpuPhasePlan, resolve_phase, split_names
+from ipu_options.plan import IpuPhasePlan, resolve_phase
+from models.splits import split_point_names
 
 from .backends.torch_backend import check_torch_settings
 from .config import Config, ConfigError
@@ -51,9 +52,10 @@ def _phase_key(phase: Phase, key: str) -> str:
 
 
 def plan_run(cfg: Config, only_finetune: bool = False) -> RunPlan:
-    """The run's phases, with every check that needs neither data nor devices; raises ConfigError/BackendError."""
+    """The run's phases, with every check that needs neither data nor devices; raises ConfigError, BackendError
+    or (IPU settings) PlanError."""
     phases = (finetune_phase(cfg),) if only_finetune else tuple(run_phases(cfg))
-    names = split_names(cfg.model)
+    names = split_point_names(cfg.model)
     for phase in phases:
         if phase.first_trainable is not None and phase.first_trainable not in names:
             raise ConfigError(f"finetune.first_trainable: {phase.first_trainable!r} is not a split point of "
@@ -67,7 +69,7 @@ def plan_run(cfg: Config, only_finetune: bool = False) -> RunPlan:
     for phase in phases:
         clip, name = phase.optimizer.clip_grad_norm, phase.optimizer.name
         if clip is not None and name not in IPU_CLIPPING_OPTIMIZERS:
-            key = "finetune.optimizer" if phase.name == "finetune" else "optimizer.name"
+            key = "finetune.optimizer.name" if phase.name == "finetune" else "optimizer.name"
             raise ConfigError(f"optimizer.clip_grad_norm: {clip} with {key}: {name!r} on IPUs: PopTorch's "
                               f"{name} has no max_grad_norm; use one of {', '.join(IPU_CLIPPING_OPTIMIZERS)} or "
                               "turn clipping off")

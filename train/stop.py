@@ -11,8 +11,8 @@
    iterations`` steps on IPUs) or one validation batch, plus the checkpoint write.
 
 Signals after the first are counted but change nothing: the stop is already on its way and interrupting the
-checkpoint write would lose it; they stay caught until the process exits. SIGKILL cannot be caught: a killed rank ends the job through the launcher
-(torchrun, poprun), and the run resumes from its last checkpoint.
+checkpoint write would lose it; they stay caught until the process exits. SIGKILL cannot be caught: a killed rank
+ends the job through the launcher (torchrun, poprun), and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations

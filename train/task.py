@@ -55,17 +55,30 @@ class ClassificationTask(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed one-hot targets ``[N, classes]``."""
+        smooth = self.label_smoothing
+        return F.one_hot(labels, self.num_classes).float() * (1 - smooth) + smooth / self.num_classes
+
+    @staticmethod
+    def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of fp32 logits against soft targets, one value per sample."""
+        return -(targets * F.log_softmax(logits, dim=1)).sum(1)
+
+    def hits(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample booleans: the label is the top-1 class, the label is among the top 5."""
+        top5 = logits.topk(min(5, self.num_classes), dim=1).indices == labels[:, None]
+        return top5[:, 0], top5.any(1)
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
                 mix: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.normalize(images)
-        smooth = self.label_smoothing
-        targets = F.one_hot(labels, self.num_classes).float() * (1 - smooth) + smooth / self.num_classes
+        targets = self.targets(labels)
         if mix is not None:
             x, targets = apply_mix(x, targets, mix.to(x.device))
         logits = self.model(x).float()
-        loss = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+        loss = self.per_sample_loss(logits, targets).mean()
         if self.mark_loss is not None:
             loss = self.mark_loss(loss)
-        top5 = logits.topk(min(5, self.num_classes), dim=1).indices
-        hits = top5 == labels[:, None]
-        return loss, hits[:, 0].sum().float(), hits.any(1).sum().float()
+        top1, top5 = self.hits(logits, labels)
+        return loss, top1.sum().float(), top5.sum().float()

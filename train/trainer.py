@@ -31,24 +31,30 @@ import torch.distributed as dist
 from data import DataConfig, ImageDataset, build_transform
 from data.seeding import derive_seed
 from data.worker_signals import stop_signals_deferred
-from models import build_model, param_groups
-from models.summary import count_macs
+from models import build_model
+from models.measure import count_macs
 
 from .averaging import WeightAverage
 from .backends import Backend, make_backend, process_rank
-from .checkpoint import (final_checkpoint_name, load_checkpoint, load_weights, prune, remove_stale_temporaries,
-                         save_checkpoint, set_aside, step_checkpoint_name)
+from .checkpoint import (
+    final_checkpoint_name,
+    load_checkpoint,
+    load_weights,
+    prune,
+    remove_stale_temporaries,
+    save_checkpoint,
+    set_aside,
+    step_checkpoint_name,
+)
 from .config import Config, config_to_dict, to_yaml
 from .errors import Interrupted, NonFiniteLoss, StorageError
-from .finetune import freeze_before
 from .logger import RunLogger
 from .mixing import sample_mix
-from .optim import build_optimizer, peak_lr
+from .optim import peak_lr
 from .phases import Phase
 from .run_plan import RunPlan
 from .schedule import lr_at
 from .stop import StopSignals
-from .task import ClassificationTask
 
 
 @dataclass
@@ -235,13 +241,7 @@ class Trainer:
             backend.close()
 
     def _start_phase(self, phase: Phase, state: Optional[Dict[str, Any]]) -> Tuple[Backend, Dict[str, WeightAverage]]:
-        cfg = self.cfg
-        frozen = freeze_before(self.model, phase.first_trainable) if phase.first_trainable else []
-        task = ClassificationTask(self.model, cfg.model.num_classes, cfg.train.label_smoothing,
-                                  channels_last=cfg.train.channels_last, frozen=frozen)
-        groups = param_groups(self.model, phase.optimizer.weight_decay)
-        backend = make_backend(cfg, phase, task, lambda global_batch: build_optimizer(phase.optimizer, groups,
-                                                                                      global_batch))
+        backend = make_backend(self.cfg, phase, self.model)
         averages = self._averages(phase, state)
         if state:
             backend.load_state_dict(state["backend"])
@@ -282,7 +282,7 @@ class Trainer:
                 pos.nonfinite_streak = 0
                 self.ledger.step_was_finite()
                 if averages.get("ema"):
-                    averages["ema"].update(backend.model)  # backend.model syncs IPU weights
+                    averages["ema"].update(backend.host_model())
             else:
                 self._nonfinite_step(phase, pos, stats.loss, stats.grad_norm)
             if pos.step % cfg.logging.log_every == 0 or pos.step >= total:
@@ -296,8 +296,7 @@ class Trainer:
                     metrics.update({"train/loss": stats.loss, "train/acc": stats.top1 / stats.samples})
                     if stats.grad_norm is not None:
                         metrics["train/grad_norm"] = stats.grad_norm
-                if getattr(backend, "loss_scale", None) is not None:
-                    metrics["loss_scale"] = backend.loss_scale
+                metrics.update(backend.log_metrics())
                 self.logger.log(metrics, step=self._global_step(pos))
                 bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.top1 / stats.samples:.3f}",
                                 lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
@@ -318,7 +317,7 @@ class Trainer:
         cfg = self.cfg
         pos.epoch, pos.call = pos.epoch + 1, 0
         if averages.get("epoch"):
-            averages["epoch"].update(backend.model)
+            averages["epoch"].update(backend.host_model())
         if pos.step >= total:
             return  # the phase's end saves and validates
         validate = pos.epoch % cfg.train.validate_every == 0
@@ -390,7 +389,7 @@ class Trainer:
         if final:
             weights.update({f"{k}_avg/": avg.state_dict() for k, avg in averages.items() if avg.state})
         metrics: Dict[str, Any] = {"phase": phase.name, "phase_step": pos.step, "epoch": pos.epoch}
-        current = ({k: v.detach().clone() for k, v in backend.model.state_dict().items()} if len(weights) > 1
+        current = ({k: v.detach().clone() for k, v in backend.host_model().state_dict().items()} if len(weights) > 1
                    else None)
         should_stop = lambda: backend.any_process(self.stop.requested)  # noqa: E731
         try:
@@ -415,7 +414,7 @@ class Trainer:
               name: str, before_validation: bool = False) -> None:
         """Write a checkpoint (rank 0) that every process then knows by name; any failure stops every process."""
         state = {
-            "model": backend.model.state_dict(),  # backend.model: the host model with the device's weights
+            "model": backend.host_model().state_dict(),
             "backend": backend.state_dict(),
             "averages": {k: a.state_dict() for k, a in averages.items()},
             "position": dataclasses.asdict(dataclasses.replace(pos, pending_validation=before_validation)),

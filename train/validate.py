@@ -17,19 +17,22 @@ from models import build_model
 
 from .backends import TorchBackend
 from .checkpoint import load_checkpoint, load_weights
+from .cli import run_guarded
 from .config import ConfigError, load_config
+from .phases import training_phase
 from .task import ClassificationTask
 from .trainer import evaluate, start_weights
 
 
 def sweep(checkpoint: Path, resolutions: List[int], overrides: List[str], device: str) -> List[Dict]:
     state = load_checkpoint(checkpoint)
-    cfg = load_config(None, overrides, base=state["config"])
+    cfg = load_config(None, overrides + [f"train.device={device}", "precision.compute=fp32", "train.backend=torch",
+                                         "train.compile=false", "train.compile_mode=default"],
+                      base=state["config"])
     model = build_model(cfg.model)
     load_weights(model, start_weights(state), checkpoint)
     task = ClassificationTask(model, cfg.model.num_classes)
-    backend = TorchBackend(task, None, device=device, precision="fp32", loss_scale=1.0, micro_batch_size=1,
-                           gradient_accumulation=1, data=cfg.data, val_batch_size=cfg.train.val_batch_size)
+    backend = TorchBackend(cfg, training_phase(cfg), task, None)  # evaluation only: no optimizer
     val_set = build_dataset(cfg.data, "val", build_transform("eval", resolutions[0], cfg.data))
     rows = []
     for res in resolutions:
@@ -80,8 +83,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the checkpoint's config (e.g. data.path=...)")
     args = parser.parse_args(argv)
-    from .cli import run_guarded
-
     def job() -> None:
         resolutions = parse_resolutions(args.resolutions)
         rows = [r for ckpt in args.checkpoint for r in sweep(Path(ckpt), resolutions, args.overrides, args.device)]

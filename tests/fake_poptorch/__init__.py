@@ -592,7 +592,7 @@ class PoplarExecutor:
         if not 0 <= seed < 2 ** 64:
             raise PoptorchError(f"randomSeed({seed}): the seed is an unsigned 64-bit integer")
         ipus = self._block_ipus()
-        stages = 1 + sum(a != b for a, b in zip(ipus, ipus[1:]))
+        stages = 1 + sum(a != b for a, b in zip(ipus, ipus[1:], strict=False))
         per_process = (max(ipus) + 1) * o.replication_factor
         offline = o.connection_type == int(ConnectionType.Never)
         if per_process > MAX_IPUS_PER_PROCESS:
@@ -717,7 +717,7 @@ class PoplarExecutor:
         single = not isinstance(outputs[0], tuple)
         rows = [(o,) if single else o for o in outputs]
         result = []
-        for values in zip(*rows):
+        for values in zip(*rows, strict=True):
             column = list(values)
             if mode == OutputMode.All:
                 result.append(torch.stack(column) if column[0].dim() == 0 else torch.cat(column))
@@ -792,7 +792,7 @@ class DataLoader(TorchDataLoader):
             pending.append(batch)
             count += len(batch[0])
             while count >= self._combined:
-                merged = [torch.cat(parts) for parts in zip(*pending)]
+                merged = [torch.cat(parts) for parts in zip(*pending, strict=True)]
                 yield [m[:self._combined] for m in merged]
                 rest = [m[self._combined:] for m in merged]
                 count -= self._combined

@@ -1,44 +1,45 @@
-"""Execution engines behind one interface: ``torch`` (CPU/CUDA) and ``ipu`` (PopTorch)."""
+"""Execution engines behind one interface (:class:`Backend`): ``torch`` (CPU/CUDA) and ``ipu`` (PopTorch)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ipu_options.distributed import instance_index
+from models import param_groups
+from models.splits import freeze_before
 
 from ..config import Config
+from ..optim import build_optimizer
 from ..phases import Phase
 from ..task import ClassificationTask
-from .base import Backend, EvalStats, StepStats
+from .base import Backend, EvalStats, OptimizerFactory, StepStats
+from .ipu_backend import IPUBackend
 from .torch_backend import BackendError, TorchBackend
-
-
-OptimizerFactory = Callable[[int], torch.optim.Optimizer]
 
 
 def process_rank() -> int:
     """This process's rank: torch.distributed's, else the poprun instance index (0 outside both)."""
-    if dist.is_initialized():
-        return dist.get_rank()
-    from ipu_options.distributed import instance_index  # imports popdist only if installed
-
-    return instance_index()
+    return dist.get_rank() if dist.is_initialized() else instance_index()
 
 
-def make_backend(cfg: Config, phase: Phase, task: ClassificationTask, make_optimizer: OptimizerFactory) -> Backend:
-    """``make_optimizer(global_batch)`` builds the torch optimizer once the backend knows the global batch."""
+def make_backend(cfg: Config, phase: Phase, model: nn.Module, *, offline: bool = False) -> Backend:
+    """The backend of ``train.backend`` for one phase of ``model``: the layers before the phase's
+    ``first_trainable`` frozen, the task around the model, and the phase's optimizer. ``offline`` (IPU only)
+    compiles for an offline IPU target (``python -m ipu_options --compile-only``)."""
+    frozen = freeze_before(model, phase.first_trainable) if phase.first_trainable else []
+    task = ClassificationTask(model, cfg.model.num_classes, cfg.train.label_smoothing,
+                              channels_last=cfg.train.channels_last, frozen=frozen)
+    groups = param_groups(model, phase.optimizer.weight_decay)
+
+    def make_optimizer(global_batch: int) -> torch.optim.Optimizer:
+        return build_optimizer(phase.optimizer, groups, global_batch)
+
     if cfg.train.backend == "ipu":
-        from .ipu_backend import IPUBackend  # imports poptorch; only where asked for
-
-        return IPUBackend(cfg, phase, task, make_optimizer)
-    return TorchBackend(task, make_optimizer, device=cfg.train.device, precision=cfg.precision.compute,
-                        loss_scale=cfg.precision.loss_scale, micro_batch_size=phase.micro_batch_size,
-                        gradient_accumulation=phase.gradient_accumulation, data=cfg.data,
-                        val_batch_size=cfg.train.val_batch_size, channels_last=cfg.train.channels_last,
-                        compile=cfg.train.compile, compile_mode=cfg.train.compile_mode,
-                        clip_grad_norm=phase.optimizer.clip_grad_norm)
+        return IPUBackend(cfg, phase, task, make_optimizer, offline=offline)  # imports PopTorch
+    return TorchBackend(cfg, phase, task, make_optimizer)
 
 
-__all__ = ["Backend", "BackendError", "EvalStats", "OptimizerFactory", "StepStats", "TorchBackend", "make_backend",
-           "process_rank"]
+__all__ = ["Backend", "BackendError", "EvalStats", "IPUBackend", "OptimizerFactory", "StepStats", "TorchBackend",
+           "make_backend", "process_rank"]

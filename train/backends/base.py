@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,8 +39,12 @@ class EvalStats:
     samples: int
 
 
+OptimizerFactory = Callable[[int], torch.optim.Optimizer]
+
+
 class Backend(ABC):
-    """One training phase on one engine. ``model`` is the host model the loop checkpoints and averages."""
+    """One training phase on one engine, built as ``Backend(cfg, phase, task, make_optimizer)``:
+    ``make_optimizer(global_batch)`` builds the torch optimizer once the backend knows the global batch."""
 
     rank: int = 0
     world_size: int = 1
@@ -49,10 +53,15 @@ class Backend(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
     @abstractmethod
-    def model(self) -> nn.Module:
-        """The host copy of the network, with current weights (synchronised from the device if needed)."""
+    def host_model(self) -> nn.Module:
+        """The host copy of the network with the current weights, which the loop checkpoints and averages. On IPUs
+        this copies the weights from the device when they changed since the last call (one copy per host call
+        with a per-step EMA); on torch it is the training module itself."""
+
+    def log_metrics(self) -> Dict[str, float]:
+        """Backend-specific figures for the metric lines (e.g. the loss scale with fp16)."""
+        return {}
 
     @property
     @abstractmethod
@@ -70,7 +79,8 @@ class Backend(ABC):
         """Optimizer steps one train call performs (device iterations on IPUs, 1 on torch)."""
 
     @abstractmethod
-    def train_loader(self, dataset: ImageDataset, *, seed: int, epoch: int, start_call: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    def train_loader(self, dataset: ImageDataset, *, seed: int, epoch: int,
+                     start_call: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
         """This process's batches of one epoch, each one host call, starting at call ``start_call``."""
 
     @abstractmethod
@@ -117,5 +127,5 @@ class Backend(ABC):
             return flag
         return bool(self.sum_across_processes(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- optional: most backends hold nothing to release
         """Release devices and workers."""

@@ -6,7 +6,7 @@ What one phase does (see ``docs/ipu.md`` for the launch side):
 - The backend works on its own copy of the task (:func:`copy.deepcopy`): precision changes (half weights for
   16.16, half compute for 16.32), ``poptorch.BeginBlock`` pipeline annotations, recomputation checkpoints and
   PopTorch's wrapping stay off the trainer's host model, which keeps fp32 weights that checkpoints, weight
-  averages and CPU/GPU runs can use. :attr:`IPUBackend.model` copies the device weights into it on demand.
+  averages and CPU/GPU runs can use. :meth:`IPUBackend.host_model` copies the device weights into it on demand.
 - Training: ``poptorch.trainingModel`` with the loss computed in ``forward`` and marked by
   ``poptorch.identity_loss(loss, reduction="none")`` (the task already reduces it to the micro-batch mean, so
   no further reduction; accumulation and replicas are averaged by ``accumulationAndReplicationReductionType
@@ -36,7 +36,6 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -48,11 +47,21 @@ from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
 from ipu_options.plan import IpuPhasePlan, check_ipus_per_process, phase_settings, resolve_phase
 
+from ..config import Config
+from ..optim import hyperparameters
+from ..phases import Phase
 from ..task import ClassificationTask
-from .base import Backend, EvalStats, StepStats
+from .base import Backend, EvalStats, OptimizerFactory, StepStats
 from .torch_backend import BackendError
 
 DATALOADER_MODES = {"sync": "Sync", "async": "Async", "async_rebatched": "AsyncRebatched"}
+#: ``optimizer.name`` -> PopTorch class, its accumulator-type arguments, and fixed extras (weight decay is per group).
+IPU_OPTIMIZERS: Dict[str, Tuple[str, Tuple[str, ...], Dict[str, Any]]] = {
+    "rmsprop_tf": ("RMSprop", ("accum_type", "first_order_momentum_accum_type", "second_order_momentum_accum_type"),
+                   {"use_tf_variant": True}),
+    "sgd": ("SGD", ("accum_type", "velocity_accum_type"), {}),
+    "adamw": ("AdamW", ("accum_type", "first_order_momentum_accum_type", "second_order_momentum_accum_type"), {}),
+}
 
 
 def import_poptorch():
@@ -124,12 +133,8 @@ class PerSampleEval(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.task
         logits = t.model(t.normalize(images)).float()
-        smooth = t.label_smoothing
-        targets = F.one_hot(labels, t.num_classes).float() * (1 - smooth) + smooth / t.num_classes
-        loss = -(targets * F.log_softmax(logits, dim=1)).sum(1)
-        top5 = logits.topk(min(5, t.num_classes), dim=1).indices
-        hits = top5 == labels[:, None]
-        return loss, hits[:, 0].float(), hits.any(1).float()
+        top1, top5 = t.hits(logits, labels)
+        return t.per_sample_loss(logits, t.targets(labels)), top1.float(), top5.float()
 
 
 def _identity_loss(poptorch, loss: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,8 @@ def _identity_loss(poptorch, loss: torch.Tensor) -> torch.Tensor:
 
 
 class IPUBackend(Backend):
-    def __init__(self, cfg: Any, phase: Any, task: ClassificationTask, make_optimizer, *, offline: bool = False):
+    def __init__(self, cfg: Config, phase: Phase, task: ClassificationTask, make_optimizer: OptimizerFactory, *,
+                 offline: bool = False) -> None:
         self.poptorch = import_poptorch()
         self.cfg, self.phase, self.offline = cfg, phase, offline
         plan = resolve_phase(cfg, phase)
@@ -161,7 +167,7 @@ class IPUBackend(Backend):
             check_ipus_per_process(plan, phase_settings(cfg.ipu, phase.name == "finetune")[1], why)
         self.plan: IpuPhasePlan = plan
         self.host_task = task
-        self.host_model = task.model
+        self._host = task.model
         self.data = cfg.data
 
         # The IPU copy: precision, pipeline and PopTorch's wrapping happen here, not on the host model.
@@ -213,50 +219,40 @@ class IPUBackend(Backend):
             plan = dataclasses.replace(plan, instances=instances)
         return plan
 
-    def _ipu_optimizer(self, torch_opt: torch.optim.Optimizer):
-        """The PopTorch optimizer equivalent to the trainer's, over the IPU copy's parameters."""
-        optim = self.poptorch.optim
+    def _ipu_optimizer(self, torch_opt: torch.optim.Optimizer) -> Any:
+        """The PopTorch optimizer equivalent to the trainer's, over the IPU copy's parameters: the same
+        hyperparameters (:func:`train.optim.hyperparameters`), PopTorch's class, accumulator types and extras."""
         names = {id(p): n for n, p in self.host_task.named_parameters()}
         ipu_params = dict(self.ipu_task.named_parameters())
         groups = [{"params": [ipu_params[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in torch_opt.param_groups if g["params"]]  # (a frozen phase may leave a group empty)
-        g0 = torch_opt.param_groups[0]
-        settings = self.plan.settings
-        accum = torch.float16 if settings.accum_type == "half" else torch.float32
-        extras: Dict[str, Any] = {}
+        cfg = self.phase.optimizer
+        kwargs = hyperparameters(cfg, self.global_batch)
+        if kwargs.pop("nesterov", False):
+            kwargs["nesterov"] = True  # passed only when set: an explicit argument becomes a variable (docs/ipu.md)
+        class_name, accumulators, extras = IPU_OPTIMIZERS[cfg.name]
+        accum = torch.float16 if self.plan.settings.accum_type == "half" else torch.float32
+        kwargs.update({name: accum for name in accumulators}, weight_decay=0.0, **extras)
         if self.loss_scale is not None:
-            extras["loss_scaling"] = self.loss_scale  # static; PopTorch unscales before the update
-        if self.phase.optimizer.clip_grad_norm is not None:
+            kwargs["loss_scaling"] = self.loss_scale  # static; PopTorch unscales before the update
+        if cfg.clip_grad_norm is not None:
             # PopTorch's SGD and AdamW clip the global norm on the device; its RMSprop cannot (refused earlier,
             # train/run_plan.py).
-            extras["max_grad_norm"] = float(self.phase.optimizer.clip_grad_norm)
-        name = self.phase.optimizer.name
-        if name == "rmsprop_tf":
-            return optim.RMSprop(groups, lr=g0["lr"], alpha=g0["alpha"], eps=g0["eps"], momentum=g0["momentum"],
-                                 weight_decay=0.0, use_tf_variant=True, accum_type=accum,
-                                 first_order_momentum_accum_type=accum, second_order_momentum_accum_type=accum,
-                                 **extras)
-        if name == "sgd":
-            if g0.get("nesterov"):
-                extras["nesterov"] = True
-            return optim.SGD(groups, lr=g0["lr"], momentum=g0["momentum"], weight_decay=0.0, accum_type=accum,
-                             velocity_accum_type=accum, **extras)
-        if name == "adamw":
-            return optim.AdamW(groups, lr=g0["lr"], betas=tuple(g0["betas"]), eps=g0["eps"], weight_decay=0.0,
-                               accum_type=accum, first_order_momentum_accum_type=accum,
-                               second_order_momentum_accum_type=accum, **extras)
-        raise BackendError(f"optimizer.name: {name!r} has no PopTorch equivalent here (rmsprop_tf, sgd, adamw)")
+            kwargs["max_grad_norm"] = float(cfg.clip_grad_norm)
+        return getattr(self.poptorch.optim, class_name)(groups, **kwargs)
 
     # ----------------------------------------------------------------------------------------- geometry
-    @property
-    def model(self) -> nn.Module:
+    def host_model(self) -> nn.Module:
         """The host network with the device's current weights (copied back only when they changed)."""
         if self._host_version != self._device_version:
             if self.training_model.isCompiled():
                 self.training_model.copyWeightsToHostIfNeeded()  # a no-op after a detach, which syncs
-            self.host_model.load_state_dict(_plain(self.ipu_task.model.state_dict()))
+            self._host.load_state_dict(_plain(self.ipu_task.model.state_dict()))
             self._host_version = self._device_version
-        return self.host_model
+        return self._host
+
+    def log_metrics(self) -> Dict[str, float]:
+        return {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
 
     @property
     def global_batch(self) -> int:
@@ -377,8 +373,8 @@ class IPUBackend(Backend):
 
     # ------------------------------------------------------------------------------------ weights, state
     def set_weights(self, state: Dict[str, torch.Tensor]) -> None:
-        self.model  # bring the host copy up to date first, so nothing newer is lost on the device side
-        self.host_model.load_state_dict(state)
+        self.host_model()  # bring the host copy up to date first, so nothing newer is lost on the device side
+        self._host.load_state_dict(state)
         self.ipu_task.model.load_state_dict(state)
         for executor in [self.training_model, *self.eval_models.values()]:
             if executor.isCompiled() and executor.isAttachedToDevice():
@@ -442,7 +438,7 @@ class IPUBackend(Backend):
         """Copy the final weights to the host model, stop the loaders and free the IPUs."""
         try:
             if not self.offline:
-                self.model  # noqa: B018  (sync)
+                self.host_model()  # the final weights reach the trainer's model
         finally:
             self._terminate_loaders()
             for executor in [*self.eval_models.values(), self.training_model]:
@@ -454,28 +450,3 @@ class IPUBackend(Backend):
 def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Plain tensors (PopTorch wraps parameter classes) for ``load_state_dict`` into the host model."""
     return {k: v.detach().as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
-def compile_only(cfg: Any, log=print) -> List[Dict[str, Any]]:
-    """``python -m ipu_options --compile-only``: compile every phase's models for an offline IPU target."""
-    from models import build_model, param_groups
-    from train.finetune import freeze_before
-    from train.optim import build_optimizer
-    from train.phases import run_phases
-
-    results = []
-    model = build_model(cfg.model)
-    for phase in run_phases(cfg):
-        frozen = freeze_before(model, phase.first_trainable) if phase.first_trainable else []
-        task = ClassificationTask(model, cfg.model.num_classes, cfg.train.label_smoothing, frozen=frozen)
-        groups = param_groups(model, phase.optimizer.weight_decay)
-        backend = IPUBackend(cfg, phase, task, lambda gb: build_optimizer(phase.optimizer, groups, gb), offline=True)
-        try:
-            backend.compile()
-        finally:
-            backend.close()
-        entry = {"phase": phase.name, "resolution": phase.resolution, "compiled": True,
-                 "validation_resolutions": list(phase.val_resolutions)}
-        log(entry)
-        results.append(entry)
-    return results

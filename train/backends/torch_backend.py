@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import DataConfig, ImageDataset, build_loader
+from data import ImageDataset, build_loader
 
+from ..config import Config
+from ..phases import Phase
 from ..task import ClassificationTask
-from .base import Backend, EvalStats, StepStats
+from .base import Backend, EvalStats, OptimizerFactory, StepStats
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,37 +44,39 @@ def pick_device(setting: str) -> torch.device:
 
 
 class TorchBackend(Backend):
-    def __init__(self, task: ClassificationTask, make_optimizer: Optional[Callable[[int], torch.optim.Optimizer]], *, device: str,
-                 precision: str, loss_scale: float, micro_batch_size: int, gradient_accumulation: int,
-                 data: DataConfig, val_batch_size: int, channels_last: bool = False, compile: bool = False,
-                 compile_mode: str = "default", clip_grad_norm: Optional[float] = None):
-        check_torch_settings(device, precision)
-        self.device = pick_device(device)
+    """``make_optimizer`` may be None for evaluation only (``python -m train.validate``)."""
+
+    def __init__(self, cfg: Config, phase: Phase, task: ClassificationTask,
+                 make_optimizer: Optional[OptimizerFactory]) -> None:
+        t, precision = cfg.train, cfg.precision.compute
+        check_torch_settings(t.device, precision)
+        self.device = pick_device(t.device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.task = task.to(self.device)
-        if channels_last:
+        if t.channels_last:
             self.task.to(memory_format=torch.channels_last)
-        self.micro = micro_batch_size
-        self.accumulation = gradient_accumulation
-        # Evaluation-only users (python -m train.validate) pass no optimizer.
+        self.micro = phase.micro_batch_size
+        self.accumulation = phase.gradient_accumulation
         self.optimizer = make_optimizer(self.global_batch) if make_optimizer else None
         self.autocast_dtype = AUTOCAST[precision]
-        self.scaler = torch.cuda.amp.GradScaler(init_scale=loss_scale) if precision == "fp16" else None
-        self.data = data
-        self.val_batch_size = val_batch_size
-        self.clip_grad_norm = clip_grad_norm
+        self.scaler = torch.cuda.amp.GradScaler(init_scale=cfg.precision.loss_scale) if precision == "fp16" else None
+        self.data = cfg.data
+        self.val_batch_size = t.val_batch_size
+        self.clip_grad_norm = phase.optimizer.clip_grad_norm
         self.runner: nn.Module = self.task
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
-        if compile:
-            self.runner = torch.compile(self.runner, mode=compile_mode)
+        if t.compile:
+            self.runner = torch.compile(self.runner, mode=t.compile_mode)
 
     # ----------------------------------------------------------------------------------------- geometry
-    @property
-    def model(self) -> nn.Module:
+    def host_model(self) -> nn.Module:
         return self.task.model
+
+    def log_metrics(self) -> Dict[str, float]:
+        return {"loss_scale": float(self.scaler.get_scale())} if self.scaler else {}
 
     @property
     def global_batch(self) -> int:
@@ -124,7 +128,7 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, top1 = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         chunks = zip(images.split(self.micro), labels.split(self.micro),
-                     mix.split(self.micro) if mix is not None else [None] * self.accumulation)
+                     mix.split(self.micro) if mix is not None else [None] * self.accumulation, strict=True)
         for i, (x, y, m) in enumerate(chunks):
             last = i == self.accumulation - 1
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.runner.no_sync()
@@ -167,7 +171,7 @@ class TorchBackend(Backend):
         return EvalStats(loss.item() * len(labels), top1.item(), top5.item(), len(labels))
 
     def set_weights(self, state: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
+        self.task.model.load_state_dict(state)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
