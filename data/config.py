@@ -49,13 +49,16 @@ class DataConfig:
     generated_samples: int = field(default=1024, metadata={"min": 1, "help": "size of the generated data set"})
     generated_classes: int = field(default=1000, metadata={"min": 1, "help": "labels of the generated data set"})
 
-    def validate(self) -> None:
-        """Cross-field checks the generic loader cannot do from type hints alone; resolves ``workers: null`` to
-        the machine's count here, so every backend and the saved config.yaml see the number that ran."""
+    def __post_init__(self) -> None:
+        # ``workers: null`` becomes the machine's count as soon as the section exists, so every backend gets a
+        # number and the saved config.yaml records the one that ran (see docs/data.md).
         if self.workers is None:
             from data.loader import default_workers
 
             self.workers = default_workers()
+
+    def validate(self) -> None:
+        """Cross-field checks the generic loader cannot do from type hints alone."""
         if self.dataset in ("imagefolder", "tar", "shards") and not self.path:
             raise ValueError(f"data.path is required for data.dataset {self.dataset!r}")
         low, high = self.crop_scale
