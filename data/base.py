@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -14,10 +14,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.errors import DataError
-from data.seeding import derive_seed, torch_rng_seeded
+from data.seeding import derive_seed
 from data.skips import SkipCounter
 
-Transform = Callable[[Image.Image], torch.Tensor]
+if TYPE_CHECKING:
+    from data.transforms import Preprocessing
+
 Sample = Tuple[torch.Tensor, int]
 D = TypeVar("D", bound="ImageDataset")
 
@@ -43,7 +45,8 @@ class ImageDataset(Dataset):
     """Base class: samples are ``(uint8 tensor [3, S, S], int label)``.
 
     Subclasses store their samples compactly (numpy arrays, so forked workers do not copy them through
-    reference counting) and implement ``_decode`` and ``_name``; ``_labels[j]`` is sample ``j``'s label.
+    reference counting) and implement ``_open`` and ``_name``; ``_labels[j]`` is sample ``j``'s label. The
+    transform decodes what ``_open`` returns, so that it can decode a JPEG only as finely as its crop needs.
 
     Indexing with a :class:`SampleKey` makes the augmentation a function of (seed, epoch, index) alone; a
     plain int index uses the ambient torch RNG like any torchvision data set.
@@ -53,7 +56,7 @@ class ImageDataset(Dataset):
     them across all workers and copies of this data set.
     """
 
-    def __init__(self, classes: List[str], labels: np.ndarray, transform: Transform, skip_corrupt: bool,
+    def __init__(self, classes: List[str], labels: np.ndarray, transform: Preprocessing, skip_corrupt: bool,
                  source: str) -> None:
         self.classes = classes
         self.transform = transform
@@ -64,8 +67,8 @@ class ImageDataset(Dataset):
         self._skips = SkipCounter()
 
     # -- to implement ------------------------------------------------------------------------------------
-    def _decode(self, j: int) -> Image.Image:
-        """Sample ``j`` as a decoded PIL image; may raise any of ``DECODE_ERRORS``."""
+    def _open(self, j: int) -> Image.Image:
+        """Sample ``j`` as a PIL image, opened but possibly not yet decoded; may raise any of ``DECODE_ERRORS``."""
         raise NotImplementedError
 
     def _name(self, j: int) -> str:
@@ -93,7 +96,7 @@ class ImageDataset(Dataset):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source}, {len(self)} samples, {self.num_classes} classes)"
 
-    def with_transform(self: D, transform: Transform) -> D:
+    def with_transform(self: D, transform: Preprocessing) -> D:
         """A view of the same files with another transform (e.g. for the fine-tuning phase); no re-scan.
 
         A copy rather than an in-place change, so a loader still iterating the old view is unaffected.
@@ -102,6 +105,11 @@ class ImageDataset(Dataset):
         view = copy.copy(self)
         view.transform = transform
         return view
+
+    def same_view(self, other: "ImageDataset") -> bool:
+        """Whether ``other`` holds the same samples under an equal transform (a ``with_transform`` copy counts),
+        so that a loader built for one serves the other: its workers' copies would produce the same samples."""
+        return type(other) is type(self) and other._index is self._index and other.transform == self.transform
 
     def subset(self: D, size: int) -> D:
         """A deterministic, class-balanced view of ``size`` samples: round-robin over classes, each class's
@@ -132,8 +140,9 @@ class ImageDataset(Dataset):
         index, seed = self._locate(key)
         for attempt in range(MAX_CONSECUTIVE_SKIPS + 1):
             j = int(self._index[(index + attempt) % len(self)])
+            draws = self.transform.draws(seed)
             try:
-                image = self._decode(j)
+                region = self.transform.region(self._open(j), draws)
             except DECODE_ERRORS as err:
                 if not self.skip_corrupt:
                     raise DataError(f"corrupt image {self._name(j)}: {err} "
@@ -141,8 +150,7 @@ class ImageDataset(Dataset):
                 self._skips.increment()
                 warnings.warn(f"skipping corrupt image {self._name(j)}: {err}", stacklevel=2)
                 continue
-            with torch_rng_seeded(seed):
-                return self.transform(image), int(self._labels[j])
+            return self.transform.finish(region, draws, seed), int(self._labels[j])
         raise DataError(f"{MAX_CONSECUTIVE_SKIPS + 1} consecutive corrupt images from sample {index} of {self}; "
                         "is the data set readable at all?")
 

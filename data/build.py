@@ -11,6 +11,7 @@ from data.errors import DataError
 from data.fashion_mnist import FashionMNISTDataset
 from data.generated import GeneratedDataset
 from data.imagefolder import ImageFolderDataset
+from data.shards import ShardDataset
 from data.tar import TarDataset
 from data.transforms import Preprocessing
 
@@ -22,7 +23,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Pr
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
-    if cfg.dataset in ("imagefolder", "tar") and not cfg.path:
+    if cfg.dataset in ("imagefolder", "tar", "shards") and not cfg.path:
         raise DataError(f"data.path is required for data.dataset {cfg.dataset!r}")
     dataset: ImageDataset
     if cfg.dataset == "fashion-mnist":
@@ -31,10 +32,13 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Pr
         dataset = ImageFolderDataset(os.path.expanduser(str(cfg.path)), split, transform, cfg.skip_corrupt)
     elif cfg.dataset == "tar":
         dataset = TarDataset(os.path.expanduser(str(cfg.path)), split, transform, cfg.skip_corrupt)
+    elif cfg.dataset == "shards":
+        dataset = ShardDataset(os.path.expanduser(str(cfg.path)), split, transform, cfg.skip_corrupt,
+                               cfg.shuffle_buffer)
     elif cfg.dataset == "generated":
         dataset = GeneratedDataset(cfg.generated_samples, cfg.generated_classes, transform)
     else:
         raise DataError(f"data.dataset: unknown data set {cfg.dataset!r}; "
-                        "expected fashion-mnist, imagefolder, tar or generated")
+                        "expected fashion-mnist, imagefolder, tar, shards or generated")
     subset = cfg.train_subset if split == "train" else cfg.val_subset
     return dataset if subset is None else dataset.subset(subset)

@@ -10,16 +10,27 @@ FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "imagefolder", "tar", "generated"] = field(
+    dataset: Literal["fashion-mnist", "imagefolder", "tar", "shards", "generated"] = field(
         default="fashion-mnist",
         metadata={"help": "imagefolder: train/<class>/* + val/ (or test/); tar: such a tree in a .tar/.tar.gz; "
+                          "shards: a folder made by python -m data.make_shards (each rank reads its own); "
                           "generated: random images for throughput work"})
     path: Optional[str] = field(
         default=None,
-        metadata={"help": f"folder or tarball; fashion-mnist defaults to {FASHION_MNIST_PATH}"})
-    workers: int = field(default=2, metadata={"min": 0, "help": "DataLoader worker processes"})
+        metadata={"help": f"folder, tarball or shard folder; fashion-mnist defaults to {FASHION_MNIST_PATH}"})
+    workers: Optional[int] = field(
+        default=None, metadata={"min": 0, "help": "DataLoader worker processes per rank; null = the CPU cores this "
+                                                  "process may use, shared among the ranks on the host, minus one"})
+    prefetch_factor: int = field(default=2, metadata={"min": 1, "help": "batches each worker prepares ahead"})
     pin_memory: bool = field(default=True, metadata={"help": "pin host batches (used only with CUDA)"})
-    persistent_workers: bool = field(default=True, metadata={"help": "keep workers alive between epochs"})
+    persistent_workers: bool = field(
+        default=True, metadata={"help": "keep workers alive between epochs (torch backend; the PopTorch loader "
+                                        "is rebuilt per epoch)"})
+    fused_decode: bool = field(
+        default=True, metadata={"help": "pick the crop first and decode JPEGs at the coarsest DCT scale it allows "
+                                        "(1/2, 1/4, 1/8); false = always decode at full size"})
+    shuffle_buffer: int = field(
+        default=10000, metadata={"min": 1, "help": "shards: samples in the seeded shuffle buffer of each rank"})
     crop_scale: Tuple[float, float] = field(
         default=(0.05, 1.0), metadata={"help": "Inception crop: area range as fractions of the image"})
     crop_ratio: Tuple[float, float] = field(
@@ -38,9 +49,17 @@ class DataConfig:
     generated_samples: int = field(default=1024, metadata={"min": 1, "help": "size of the generated data set"})
     generated_classes: int = field(default=1000, metadata={"min": 1, "help": "labels of the generated data set"})
 
+    def __post_init__(self) -> None:
+        # ``workers: null`` becomes the machine's count as soon as the section exists, so every backend gets a
+        # number and the saved config.yaml records the one that ran (see docs/data.md).
+        if self.workers is None:
+            from data.loader import default_workers
+
+            self.workers = default_workers()
+
     def validate(self) -> None:
         """Cross-field checks the generic loader cannot do from type hints alone."""
-        if self.dataset in ("imagefolder", "tar") and not self.path:
+        if self.dataset in ("imagefolder", "tar", "shards") and not self.path:
             raise ValueError(f"data.path is required for data.dataset {self.dataset!r}")
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:

@@ -10,8 +10,9 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-from data.base import ImageDataset, Transform
+from data.base import ImageDataset
 from data.errors import DataError
+from data.transforms import Preprocessing
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILE_PREFIX = {"train": "train", "val": "t10k"}
@@ -63,7 +64,7 @@ def load_split(root: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
 class FashionMNISTDataset(ImageDataset):
     """28×28 grayscale clothing images in 10 classes, held in memory (47 MB for the training split)."""
 
-    def __init__(self, root: str, split: str, transform: Transform) -> None:
+    def __init__(self, root: str, split: str, transform: Preprocessing) -> None:
         if split not in FILE_PREFIX:
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
         self._images, labels = load_split(root, split)
@@ -73,5 +74,5 @@ class FashionMNISTDataset(ImageDataset):
     def _name(self, j: int) -> str:
         return f"{self._images_file} (image {j})"
 
-    def _decode(self, j: int) -> Image.Image:
-        return Image.fromarray(self._images[j]).convert("RGB")
+    def _open(self, j: int) -> Image.Image:
+        return Image.fromarray(self._images[j])

@@ -6,11 +6,11 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-from PIL import Image
 
-from data.base import ImageDataset, Transform, to_rgb
+from data.encoded import EncodedImageDataset
 from data.errors import DataError
 from data.layout import class_list, is_image, label_files, pick_split_dir
+from data.transforms import Preprocessing
 
 
 def _subdirs(path: str) -> List[str]:
@@ -23,11 +23,11 @@ def _images(path: str) -> List[str]:
         return [e.name for e in entries if is_image(e.name) and e.is_file()]
 
 
-class ImageFolderDataset(ImageDataset):
+class ImageFolderDataset(EncodedImageDataset):
     """One ``os.scandir`` pass over the split's folders at construction; file names are then kept as one
     numpy bytes array (not a list of str, whose reference counts would make every forked worker copy it)."""
 
-    def __init__(self, root: str, split: str, transform: Transform, skip_corrupt: bool = False) -> None:
+    def __init__(self, root: str, split: str, transform: Preprocessing, skip_corrupt: bool = False) -> None:
         if not os.path.isdir(root):
             raise DataError(f"imagefolder data set: {root} is not a folder "
                             f"(expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
@@ -45,6 +45,6 @@ class ImageFolderDataset(ImageDataset):
     def _name(self, j: int) -> str:
         return os.path.join(self.folder, os.fsdecode(self._files[j]))
 
-    def _decode(self, j: int) -> Image.Image:
-        with Image.open(self._name(j)) as image:
-            return to_rgb(image)
+    def _read(self, j: int) -> bytes:
+        with open(self._name(j), "rb") as f:
+            return f.read()

@@ -1,13 +1,15 @@
-"""Batches for one rank: a seeded, sharded, resumable order, and reproducibly seeded workers.
+"""Batches for one rank: a seeded, sharded, resumable order, reproducibly seeded workers, and a loader that keeps
+its workers for a whole phase.
 
-Epochs: the returned loader's ``batch_sampler`` is a :class:`ShardedBatchSampler`; call
-``loader.batch_sampler.set_epoch(epoch)`` before iterating each epoch (as with ``DistributedSampler``), or
-build a new loader per epoch (cheap: nothing is re-read). The epoch travels inside every
-:class:`~data.base.SampleKey` the sampler yields, so persistent workers see it too.
+Epochs: the loader's ``batch_sampler`` is an :class:`EpochBatchSampler`; call
+``loader.batch_sampler.set_epoch(epoch)`` before iterating each epoch (as with ``DistributedSampler``).
+:class:`EpochLoader` does that for you and keeps one ``DataLoader`` (and, with persistent workers, its worker
+processes) across epochs: the epoch travels inside every :class:`~data.base.SampleKey` the sampler yields, so
+workers holding an old copy of the data set still augment each epoch correctly.
 
 Resuming: ``set_epoch(epoch, start_batch=k)`` (or ``build_loader(..., start_batch=k)``) yields exactly the
 batches that an uninterrupted epoch would have yielded from batch ``k`` on, augmentation included, because
-the order depends only on (seed, epoch) and each sample's augmentation only on (seed, epoch, index).
+the order depends only on (seed, epoch, rank) and each sample's augmentation only on (seed, epoch, index).
 
 PopTorch: wrap the loader in ``poptorch.AsynchronousDataAccessor`` if wanted; it iterates a pickled copy, so
 build a new loader for each epoch rather than calling ``set_epoch`` on the original.
@@ -16,8 +18,9 @@ build a new loader for each epoch rather than calling ``set_epoch`` on the origi
 from __future__ import annotations
 
 import functools
+import os
 import random
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,32 +31,56 @@ from data.errors import DataError
 from data.seeding import derive_seed
 from data.worker_signals import ignore_stop_signals
 
+# Environment variables that say how many ranks share this host: torchrun's, then Open MPI's (poprun runs on it).
+LOCAL_RANKS_ENV = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
-class ShardedBatchSampler(Sampler[List[SampleKey]]):
-    """This rank's batches of :class:`SampleKey`.
 
-    Each rank takes a disjoint, equal-size shard of one permutation of the data set, exactly as
-    ``torch.utils.data.DistributedSampler`` does (it is used underneath): shuffled by ``seed + epoch``; when
-    ``drop_last`` the tail that does not divide among ranks is dropped, otherwise the shards are padded by
-    repeating the first indices. ``len()`` is the number of batches the next iteration yields.
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which schedulers and containers set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Training processes on this host, from the launcher's environment (1 without a launcher)."""
+    for name in LOCAL_RANKS_ENV:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_workers(ranks: Optional[int] = None) -> int:
+    """``data.workers: null``: this rank's share of the host's usable cores, less one for the rank itself (which
+    runs the training loop and collects the batches); 0 (load in the main process) on a single core."""
+    return max(usable_cores() // (ranks or local_ranks()) - 1, 0)
+
+
+class EpochBatchSampler(Sampler[List[SampleKey]]):
+    """This rank's batches of :class:`SampleKey` for one epoch at a time, resumable at any batch.
+
+    Subclasses say which positions of the data set this rank visits in an epoch, and in what order
+    (:meth:`_order`, a pure function of the seed, the epoch and the rank); this class cuts them into batches.
+    ``len()`` is the number of batches the next iteration yields.
     """
 
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int,
-                 drop_last: bool) -> None:
+    def __init__(self, batch_size: int, *, seed: int, drop_last: bool) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
         if seed < 0:
             raise DataError(f"seed must be non-negative, got {seed}")
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
-        # DistributedSampler only needs len() of its "dataset", which a range has.
-        self._shard = DistributedSampler(range(size), num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
-                                         shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.epoch = 0
         self.start_batch = 0
+
+    def _order(self, epoch: int) -> Sequence[int]:
+        raise NotImplementedError
+
+    def samples_per_epoch(self) -> int:
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate ``epoch`` next, beginning at its batch ``start_batch`` (to resume an interrupted run)."""
@@ -63,20 +90,54 @@ class ShardedBatchSampler(Sampler[List[SampleKey]]):
         self.start_batch = start_batch
 
     def batches_per_epoch(self) -> int:
-        full, rest = divmod(len(self._shard), self.batch_size)
+        full, rest = divmod(self.samples_per_epoch(), self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch() - self.start_batch, 0)
 
     def __iter__(self) -> Iterator[List[SampleKey]]:
-        self._shard.set_epoch(self.epoch)
-        indices = list(self._shard)
+        indices = self._order(self.epoch)
         for first in range(self.start_batch * self.batch_size, len(indices), self.batch_size):
             batch = indices[first:first + self.batch_size]
             if len(batch) < self.batch_size and self.drop_last:
                 return
-            yield [SampleKey(i, self.seed, self.epoch) for i in batch]
+            yield [SampleKey(int(i), self.seed, self.epoch) for i in batch]
+
+
+class ShardedBatchSampler(EpochBatchSampler):
+    """Each rank takes a disjoint, equal-size shard of one permutation of the data set, exactly as
+    ``torch.utils.data.DistributedSampler`` does (it is used underneath): shuffled by ``seed + epoch``; when
+    ``drop_last`` the tail that does not divide among ranks is dropped, otherwise the shards are padded by
+    repeating the first indices."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int,
+                 drop_last: bool) -> None:
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+        super().__init__(batch_size, seed=seed, drop_last=drop_last)
+        # DistributedSampler only needs len() of its "dataset", which a range has.
+        self._shard = DistributedSampler(range(size), num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
+                                         shuffle=shuffle, seed=max(seed, 0), drop_last=drop_last)
+
+    def samples_per_epoch(self) -> int:
+        return len(self._shard)
+
+    def _order(self, epoch: int) -> Sequence[int]:
+        self._shard.set_epoch(epoch)
+        return list(self._shard)
+
+
+def batch_sampler_for(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int,
+                      world_size: int, drop_last: bool) -> EpochBatchSampler:
+    """Sharded data sets shuffle by shard (each rank reads only its own shards); the rest by permutation."""
+    from data.shards import ShardDataset, ShardStreamSampler  # data.shards builds on this module
+
+    if shuffle and isinstance(dataset, ShardDataset):
+        return ShardStreamSampler(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                  drop_last=drop_last)
+    return ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                               world_size=world_size, drop_last=drop_last)
 
 
 def seed_worker(seed: int, rank: int, worker_id: int) -> None:
@@ -90,21 +151,18 @@ def seed_worker(seed: int, rank: int, worker_id: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-def build_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, workers: int, drop_last: bool, pin_memory: bool,
-                 persistent_workers: bool, start_batch: int = 0) -> DataLoader:
-    """A DataLoader over this rank's shard, positioned at ``epoch`` (from batch ``start_batch``).
-
-    ``pin_memory`` applies only when CUDA is available; ``persistent_workers`` only with workers.
-    """
+def _data_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, seed: int, rank: int, epoch: int,
+                 workers: Optional[int], pin_memory: bool, persistent_workers: bool,
+                 prefetch_factor: int) -> DataLoader:
+    workers = default_workers() if workers is None else workers
     if workers < 0:
         raise DataError(f"data.workers must be non-negative, got {workers}")
-    sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank,
-                                  world_size=world_size, drop_last=drop_last)
+    if prefetch_factor < 1:
+        raise DataError(f"data.prefetch_factor must be at least 1, got {prefetch_factor}")
     if sampler.batches_per_epoch() == 0:
-        raise DataError(f"{dataset} gives no full batch of {batch_size} per rank over {world_size} rank(s); "
+        raise DataError(f"{dataset} gives no full batch of {sampler.batch_size} per rank; "
                         "use a smaller batch or more samples")
-    sampler.set_epoch(epoch, start_batch)
+    extra: Dict[str, Any] = {"prefetch_factor": prefetch_factor} if workers > 0 else {}
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -115,4 +173,57 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed:
         # Its own generator: creating an iterator draws a base seed, which must not advance the global RNG
         # (a resumed run re-creates the loader mid-epoch, and dropout must still match the uninterrupted run).
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, epoch)),
+        **extra,
     )
+
+
+def build_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, workers: Optional[int], drop_last: bool, pin_memory: bool,
+                 persistent_workers: bool, start_batch: int = 0, prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader over this rank's share, positioned at ``epoch`` (from batch ``start_batch``).
+
+    ``workers`` None picks :func:`default_workers`; ``pin_memory`` applies only when CUDA is available;
+    ``persistent_workers`` and ``prefetch_factor`` only with workers.
+    """
+    sampler = batch_sampler_for(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                                drop_last=drop_last)
+    sampler.set_epoch(epoch, start_batch)
+    return _data_loader(dataset, sampler, seed=seed, rank=rank, epoch=epoch, workers=workers, pin_memory=pin_memory,
+                        persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+
+
+class EpochLoader:
+    """One DataLoader for a whole phase: built once, repositioned per epoch with :meth:`epoch`.
+
+    With ``persistent_workers`` its worker processes start once instead of once per epoch (and keep whatever
+    they opened: file descriptors, tar indexes). Every epoch yields exactly the batches a fresh
+    :func:`build_loader` for that epoch would, because the order and the augmentation depend only on the
+    keys. :meth:`serves` tells whether a data set view can reuse it (same samples, same transform).
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
+                 world_size: int = 1, workers: Optional[int], drop_last: bool, pin_memory: bool,
+                 persistent_workers: bool, prefetch_factor: int = 2) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.sampler = batch_sampler_for(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                         world_size=world_size, drop_last=drop_last)
+        self.loader: Optional[DataLoader] = _data_loader(
+            dataset, self.sampler, seed=seed, rank=rank, epoch=0, workers=workers, pin_memory=pin_memory,
+            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+
+    def serves(self, dataset: ImageDataset, batch_size: int, seed: int) -> bool:
+        return (self.loader is not None and self.sampler.batch_size == batch_size and self.seed == seed
+                and dataset.same_view(self.dataset))
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """The loader, positioned at ``epoch`` from batch ``start_batch``. An iteration left unfinished (a run that
+        stopped mid-epoch) is discarded: the next one starts where this says."""
+        if self.loader is None:
+            raise DataError("this loader was closed")
+        self.sampler.set_epoch(epoch, start_batch)
+        return self.loader
+
+    def close(self) -> None:
+        """Stop the workers (dropping the loader drops its iterator, which shuts them down)."""
+        self.loader = None

@@ -17,16 +17,15 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
-from PIL import Image
 
-from data.base import ImageDataset, Transform, to_rgb
+from data.encoded import EncodedImageDataset
 from data.errors import DataError
 from data.layout import SPLIT_DIRS, class_list, is_image, label_files, pick_split_dir
+from data.transforms import Preprocessing
 
 GZIP_MAGIC = b"\x1f\x8b"
 INDEX_FORMAT = "index-v1"  # change when TarIndex changes, so stale cached indexes are not read
@@ -132,7 +131,7 @@ class TarIndex(NamedTuple):
             return cls(**{field: saved[field] for field in cls._fields})
 
 
-class _PositionalReader:
+class PositionalReader:
     """Reads byte ranges of one file with ``os.pread``: no shared file position, so forked workers can share
     an inherited descriptor; a pickled copy (spawned worker) opens its own on first use."""
 
@@ -175,10 +174,10 @@ def _class_folders(names: List[str], is_dir: np.ndarray, split_prefix: str) -> D
     return folders
 
 
-class TarDataset(ImageDataset):
+class TarDataset(EncodedImageDataset):
     """The tree may sit at the archive's top level or inside one top-level folder (``imagenet/train/...``)."""
 
-    def __init__(self, source: str, split: str, transform: Transform, skip_corrupt: bool = False) -> None:
+    def __init__(self, source: str, split: str, transform: Preprocessing, skip_corrupt: bool = False) -> None:
         if not os.path.isfile(source):
             raise DataError(f"tar data set: {source} does not exist (expected a .tar or .tar.gz holding "
                             "train/<class>/*.jpg and val/<class>/*.jpg or test/<class>/*.jpg)")
@@ -202,7 +201,7 @@ class TarDataset(ImageDataset):
         self._members = index.names[rows]
         self._offsets = index.offsets[rows]
         self._sizes = index.sizes[rows]
-        self._reader = _PositionalReader(tar_path)
+        self._reader = PositionalReader(tar_path)
         self.archive = source
         super().__init__(classes, labels, transform, skip_corrupt, source=where)
 
@@ -218,7 +217,5 @@ class TarDataset(ImageDataset):
     def _name(self, j: int) -> str:
         return f"{self.archive}:{os.fsdecode(self._members[j])}"
 
-    def _decode(self, j: int) -> Image.Image:
-        data = self._reader.read(int(self._offsets[j]), int(self._sizes[j]))
-        with Image.open(BytesIO(data)) as image:
-            return to_rgb(image)
+    def _read(self, j: int) -> bytes:
+        return self._reader.read(int(self._offsets[j]), int(self._sizes[j]))

@@ -1,57 +1,103 @@
-"""Host preprocessing: PIL image → uint8 tensor [3, S, S]. No float normalisation: the model does that on the
-device, so the host ships 8-bit images (4x less IO than float32, as in Graphcore's recipe)."""
+"""Host preprocessing: an opened (not yet decoded) PIL image → uint8 tensor [3, S, S]. No float normalisation: the
+model does that on the device, so the host ships 8-bit images (4x less IO than float32, as in Graphcore's recipe).
+
+``train``: Inception crop (torchvision's ``RandomResizedCrop`` distribution) + flip (+ RandAugment); ``eval``:
+resize the shorter side to S·256/224 and keep the centre S x S. Both decode JPEGs at the coarsest DCT scale the
+crop allows (see :mod:`data.decode` and docs/data.md).
+"""
 
 from __future__ import annotations
 
+import functools
+import random
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from PIL import Image
 from torchvision import transforms
 
 from data.config import DataConfig
+from data.decode import Box, crop_and_resize, random_resized_crop_box, resize_then_center_crop_box
 from data.errors import DataError
+from data.seeding import derive_seed, torch_rng_seeded
 
 PreprocessingKind = Literal["train", "eval"]
+EVAL_RESIZE = 256 / 224  # the eval transform resizes the shorter side to S * 256/224 before its centre crop
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a contiguous [3, H, W] uint8 tensor, from its planes (Pillow splits the bands in C, which
+    beats transposing an HWC buffer here or, worse, inside the batch stack)."""
+    planes = b"".join(band.tobytes() for band in image.split())
+    return torch.frombuffer(bytearray(planes), dtype=torch.uint8).view(3, image.height, image.width)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """A transform that remembers what it is for, so the generated data set can honour its resolution.
+    """One phase's transform, as plain settings (cheap to build, compare and pickle into workers).
 
-    Cheap to build: the training and fine-tuning phases each build their own and hand it to
-    ``dataset.with_transform``.
+    The random choices of a sample (crop box, flip) come from :meth:`draws`, a :class:`random.Random` seeded by
+    the sample's key, so they are a function of (seed, epoch, index) whichever process decodes it.
     """
 
     kind: PreprocessingKind
     resolution: int
-    pipeline: Callable[[Image.Image], torch.Tensor]
+    crop_scale: Tuple[float, float] = (0.05, 1.0)
+    crop_ratio: Tuple[float, float] = (0.75, 1.3333)
+    hflip: bool = True
+    randaugment: int = 0  # magnitude (of 30 bins) for 2 ops; 0 = off
+    fused_decode: bool = True
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.pipeline(image)
+    def draws(self, seed: Optional[int]) -> random.Random:
+        """The sample's random stream: from its key's seed, or (plain int indexing) from the ambient torch RNG
+        like any torchvision data set."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        return random.Random(seed)
+
+    def box(self, width: int, height: int, draws: random.Random) -> Box:
+        """The source region the output shows: a random Inception crop, or the eval transform's centre."""
+        if self.kind == "train":
+            return random_resized_crop_box(draws, width, height, self.crop_scale, self.crop_ratio)
+        return resize_then_center_crop_box(width, height, int(self.resolution * EVAL_RESIZE), self.resolution)
+
+    def region(self, image: Image.Image, draws: random.Random) -> Image.Image:
+        """Decode ``image`` and cut the S x S RGB region; where corrupt files fail (a ``DECODE_ERRORS``)."""
+        return crop_and_resize(image, self.box(image.width, image.height, draws), self.resolution,
+                               clip_to_box=self.kind == "train", fused=self.fused_decode)
+
+    def finish(self, region: Image.Image, draws: random.Random, seed: Optional[int]) -> torch.Tensor:
+        """Flip and RandAugment (training only), then the tensor."""
+        if self.kind == "train":
+            if self.hflip and draws.random() < 0.5:
+                region = region.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.randaugment:
+                # torchvision's RandAugment draws from the global torch RNG: seed it from the key too.
+                with torch_rng_seeded(None if seed is None else derive_seed(seed, 1)):
+                    region = self._randaugment(region)
+        return image_to_tensor(region)
+
+    def __call__(self, image: Image.Image, seed: Optional[int] = None) -> torch.Tensor:
+        draws = self.draws(seed)
+        return self.finish(self.region(image, draws), draws, seed)
+
+    @functools.cached_property
+    def _randaugment(self) -> transforms.RandAugment:
+        return transforms.RandAugment(num_ops=2, magnitude=self.randaugment,
+                                      interpolation=transforms.InterpolationMode.BILINEAR)
 
 
 def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: DataConfig,
                     randaugment: Optional[float] = None) -> Preprocessing:
-    """``train``: Inception crop (+ flip) (+ RandAugment); ``eval``: resize the shorter side to S·256/224, centre
-    crop S. ``randaugment`` overrides ``cfg.randaugment`` (progressive learning ramps it)."""
+    """The ``train`` or ``eval`` transform at ``resolution`` with ``cfg``'s crop, flip and decode settings.
+    ``randaugment`` overrides ``cfg.randaugment`` (progressive learning ramps it)."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise DataError(f"resolution must be a positive integer, got {resolution!r}")
-    bilinear = transforms.InterpolationMode.BILINEAR
-    if preprocessing == "train":
-        steps = [transforms.RandomResizedCrop(resolution, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
-                                              interpolation=bilinear)]
-        if cfg.hflip:
-            steps.append(transforms.RandomHorizontalFlip())
-        magnitude = cfg.randaugment if randaugment is None else randaugment
-        if magnitude:
-            # Two ops at the given magnitude (of 30 bins), EfficientNetV2's setting.
-            steps.append(transforms.RandAugment(num_ops=2, magnitude=int(round(magnitude)), interpolation=bilinear))
-    elif preprocessing == "eval":
-        steps = [transforms.Resize(int(resolution * 256 / 224), interpolation=bilinear),
-                 transforms.CenterCrop(resolution)]
-    else:
+    if preprocessing not in ("train", "eval"):
         raise DataError(f"preprocessing must be 'train' or 'eval', got {preprocessing!r}")
-    steps.append(transforms.PILToTensor())
-    return Preprocessing(preprocessing, resolution, transforms.Compose(steps))
+    magnitude = cfg.randaugment if randaugment is None else randaugment
+    return Preprocessing(preprocessing, resolution, crop_scale=tuple(cfg.crop_scale),  # type: ignore[arg-type]
+                         crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,  # type: ignore[arg-type]
+                         randaugment=int(round(magnitude)) if magnitude and preprocessing == "train" else 0,
+                         fused_decode=cfg.fused_decode)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import ImageDataset, build_loader
+from data import EpochLoader, ImageDataset
 
 from ..config import Config
 from ..phases import Phase
@@ -64,6 +64,8 @@ class TorchBackend(Backend):
         self.data = cfg.data
         self.val_batch_size = t.val_batch_size
         self.clip_grad_norm = phase.optimizer.clip_grad_norm
+        # Loaders live for the phase (persistent workers): one for training, one per eval transform.
+        self._loaders: Dict[Tuple[bool, Any], EpochLoader] = {}
         self.runner: nn.Module = self.task
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -92,10 +94,17 @@ class TorchBackend(Backend):
 
     def _loader(self, dataset: ImageDataset, batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
                 start_call: int = 0) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-        return build_loader(dataset, batch, shuffle=train, seed=seed, epoch=epoch, rank=self.rank,
-                            world_size=self.world_size, workers=self.data.workers, drop_last=train,
-                            pin_memory=self.data.pin_memory and self.device.type == "cuda",
-                            persistent_workers=False, start_batch=start_call)
+        key = (train, None if train else dataset.transform)
+        cached = self._loaders.get(key)
+        if cached is None or not cached.serves(dataset, batch, seed):
+            if cached is not None:
+                cached.close()
+            cached = self._loaders[key] = EpochLoader(
+                dataset, batch, shuffle=train, seed=seed, rank=self.rank, world_size=self.world_size,
+                workers=self.data.workers, drop_last=train,
+                pin_memory=self.data.pin_memory and self.device.type == "cuda",
+                persistent_workers=self.data.persistent_workers, prefetch_factor=self.data.prefetch_factor)
+        return cached.epoch(epoch, start_call)
 
     def train_loader(self, dataset, *, seed, epoch, start_call):
         # One host call = one optimizer step = micro x accumulation samples of this rank's shard.
@@ -184,6 +193,11 @@ class TorchBackend(Backend):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def close(self) -> None:
+        for loader in self._loaders.values():
+            loader.close()
+        self._loaders.clear()
 
     def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

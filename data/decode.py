@@ -1,0 +1,162 @@
+"""Crop geometry and the fused crop + scaled JPEG decode (see docs/data.md, "Fused crop + scaled decode").
+
+The crop box is drawn first, from the file's header alone, and then the image is decoded only as finely as the
+box needs: libjpeg can run its inverse DCT at 1/2, 1/4 or 1/8 scale, which skips most of the per-pixel work
+(inverse DCT, colour conversion, upsampling, and the resize that follows) when the crop is large compared with
+the output. The box distribution is torchvision's ``RandomResizedCrop`` exactly; only the random numbers come
+from a keyed :class:`random.Random` instead of the global torch RNG.
+
+The decoder is libjpeg-turbo either way: through ``simplejpeg`` when it is installed (it decodes straight into
+a buffer that Pillow then shares, which measured faster, with the same pixels), else through Pillow's
+``draft()``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from io import BytesIO
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from data.base import to_rgb
+
+try:
+    import simplejpeg
+except ImportError:  # an accelerator, not a requirement: Pillow decodes the same pixels, a little slower
+    simplejpeg = None
+
+JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "pillow"
+
+DCT_SCALES = (8, 4, 2)  # what libjpeg's scaled inverse DCT offers below full size, largest first
+CROP_TRIES = 10  # torchvision's RandomResizedCrop: attempts before its central-crop fallback
+
+
+class Box(NamedTuple):
+    """A region of the source image in its own pixel coordinates (floats: eval boxes are fractional)."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+
+    def scaled(self, factor: float) -> Tuple[float, float, float, float]:
+        """``(left, top, right, bottom)`` in an image ``factor`` times smaller."""
+        return (self.left / factor, self.top / factor, (self.left + self.width) / factor,
+                (self.top + self.height) / factor)
+
+
+def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: Tuple[float, float],
+                            ratio: Tuple[float, float]) -> Box:
+    """torchvision's ``RandomResizedCrop.get_params``, step for step: area fraction uniform in ``scale``,
+    aspect ratio log-uniform in ``ratio``, rounded to whole pixels, up to 10 tries, then the central crop
+    with the aspect ratio clamped into ``ratio``."""
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(CROP_TRIES):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return Box(left, top, w, h)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return Box((width - w) // 2, (height - h) // 2, w, h)
+
+
+def resize_then_center_crop_box(width: int, height: int, resize_to: int, resolution: int) -> Box:
+    """The source region that torchvision's ``Resize(resize_to)`` (shorter side) then ``CenterCrop(resolution)``
+    keeps, with their rounding: the longer side becomes ``int(resize_to * long / short)``, the crop offset
+    ``round((size - resolution) / 2)``."""
+    if width <= height:
+        new_w, new_h = resize_to, int(resize_to * height / width)
+    else:
+        new_w, new_h = int(resize_to * width / height), resize_to
+    left, top = int(round((new_w - resolution) / 2)), int(round((new_h - resolution) / 2))
+    sx, sy = width / new_w, height / new_h
+    return Box(left * sx, top * sy, resolution * sx, resolution * sy)
+
+
+def dct_scale(box: Box, resolution: int) -> int:
+    """The largest DCT scale that still leaves the box at least ``resolution`` pixels on both sides, so the
+    resize after it only ever shrinks (never upsamples what the scaled decode threw away)."""
+    for factor in DCT_SCALES:
+        if box.width / factor >= resolution and box.height / factor >= resolution:
+            return factor
+    return 1
+
+
+def can_decode_scaled(image: Image.Image) -> bool:
+    """A baseline (sequential) colour JPEG, the common case that libjpeg scales cheaply. Progressive, grey,
+    CMYK and other odd files, and every other format, take the plain path (full decode, then ``to_rgb``)."""
+    return (image.format == "JPEG" and image.mode == "RGB" and len(getattr(image, "tile", ())) == 1
+            and not image.info.get("progressive") and not image.info.get("progression"))
+
+
+def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_box: bool,
+                    fused: bool = True) -> Image.Image:
+    """``box`` of the (not yet decoded) ``image`` resized to ``resolution`` x ``resolution``, as RGB.
+
+    ``clip_to_box``: the resize filter sees only the box (torchvision's crop-then-resize, the training crop);
+    otherwise it may reach past the box edges like a resize of the whole image followed by a crop (the eval
+    transform). With ``fused`` and a plain JPEG, the decode runs at :func:`dct_scale`; at scale 1, or on the
+    plain path, the pixels are exactly torchvision's.
+    """
+    factor = 1.0
+    if fused and can_decode_scaled(image):
+        factor = dct_scale(box, resolution)
+        decoded = _decode_with_simplejpeg(image, factor)
+        if decoded is not None:
+            image = decoded
+        else:
+            factor = _decode_with_pillow(image, factor)
+    else:
+        image = to_rgb(image)
+    region = box.scaled(factor)
+    if clip_to_box:
+        whole = (int(region[0]), int(region[1]), min(math.ceil(region[2]), image.width),
+                 min(math.ceil(region[3]), image.height))
+        image = image.crop(whole)
+        region = (region[0] - whole[0], region[1] - whole[1], region[2] - whole[0], region[3] - whole[1])
+    return to_rgb(image.resize((resolution, resolution), Image.BILINEAR, box=region))
+
+
+def _decode_with_pillow(image: Image.Image, scale: int) -> float:
+    """Decode ``image`` in place at ``scale``; returns the scale Pillow applied."""
+    factor = 1.0
+    if scale > 1:
+        width = image.width
+        # Asking for (size // scale) makes Pillow pick exactly ``scale``; it answers with the source's extent in
+        # decoded pixels, (0, 0, width / scale, height / scale).
+        drafted = image.draft(image.mode, (image.width // scale, image.height // scale))
+        if drafted is not None:
+            factor = width / drafted[1][2]
+    image.load()
+    return factor
+
+
+def _decode_with_simplejpeg(image: Image.Image, scale: int) -> Optional[Image.Image]:
+    """``image``'s file decoded by libjpeg-turbo at ``scale`` into an RGBX buffer that the returned image
+    shares, or None where this route does not apply (no simplejpeg, or the bytes are not in memory) or the
+    file raises any libjpeg warning: Pillow then decides, so a file fails or passes exactly as it would there."""
+    source = getattr(image, "fp", None)
+    if simplejpeg is None or not isinstance(source, BytesIO):
+        return None
+    width, height = -(-image.width // scale), -(-image.height // scale)
+    try:
+        pixels = simplejpeg.decode_jpeg(source.getvalue(), "RGBX", min_width=width, min_height=height)
+    except ValueError:
+        return None
+    if pixels.shape[:2] != (height, width):  # a factor other than 1/scale: let Pillow do it
+        return None
+    return Image.frombuffer("RGBX", (width, height), np.ascontiguousarray(pixels), "raw", "RGBX", 0, 1)
