@@ -41,6 +41,7 @@ from data import DataConfig, DataError, build_dataset, build_transform
 from data.decode import JPEG_DECODER, can_decode_scaled, dct_scale
 from data.encoded import EncodedImageDataset
 from data.loader import build_loader, usable_cores
+from data.transforms import PreprocessingKind
 
 PIPELINES = ("torchvision", "fused", "plain")
 SIZE_RANGE = (300, 800)  # longer side, px
@@ -72,13 +73,13 @@ def _test_image(dataset, j: int, size: Tuple[int, int], style: str, rng: random.
     from data.base import to_rgb  # the same conversion the pipeline uses
 
     if style == "resized":
-        return to_rgb(dataset._open(j)).resize(size, Image.BICUBIC)
+        return to_rgb(dataset._open(j)).resize(size, Image.Resampling.BICUBIC)
     canvas = Image.new("RGB", size)
     k = j
     for top in range(0, size[1], TILE):
         for left in range(0, size[0], TILE):
             tile = to_rgb(dataset._open(k % len(dataset)))
-            canvas.paste(tile.resize((TILE, TILE), Image.BICUBIC) if tile.size != (TILE, TILE) else tile, (left, top))
+            canvas.paste(tile.resize((TILE, TILE), Image.Resampling.BICUBIC) if tile.size != (TILE, TILE) else tile, (left, top))
             k += rng.randint(1, 97)
     return canvas
 
@@ -208,7 +209,7 @@ def machine() -> Dict[str, object]:
 
 def run_benchmark(args: argparse.Namespace) -> List[Dict[str, object]]:
     cfg = DataConfig(dataset="tar" if os.path.isfile(args.data) else "imagefolder", path=args.data)
-    kind = "train" if args.split == "train" else "eval"
+    kind: PreprocessingKind = "train" if args.split == "train" else "eval"
     files = build_dataset(cfg, args.split, build_transform(kind, args.resolution, cfg))
     if not isinstance(files, EncodedImageDataset):
         raise DataError(f"--data {args.data}: expected an image folder or tar of encoded images")

@@ -36,7 +36,7 @@ class SampleKey(NamedTuple):
     their own copies of the data set, which the main process cannot update between epochs.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # (a field, shadowing tuple.index, which nothing here calls)
     seed: int
     epoch: int
 

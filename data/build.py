@@ -16,7 +16,11 @@ from data.tar import TarDataset
 from data.transforms import Preprocessing
 
 
-def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Preprocessing) -> ImageDataset:
+#: The two splits every data set has.
+Split = Literal["train", "val"]
+
+
+def build_dataset(cfg: DataConfig, split: Split, transform: Preprocessing) -> ImageDataset:
     """The ``split`` of the configured data set, cut to ``train_subset``/``val_subset`` when set.
 
     Swap the transform later with ``dataset.with_transform(...)``; that does not re-read the files.

@@ -128,7 +128,7 @@ def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_bo
                  min(math.ceil(region[3]), image.height))
         image = image.crop(whole)
         region = (region[0] - whole[0], region[1] - whole[1], region[2] - whole[0], region[3] - whole[1])
-    return to_rgb(image.resize((resolution, resolution), Image.BILINEAR, box=region))
+    return to_rgb(image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=region))
 
 
 def _decode_with_pillow(image: Image.Image, scale: int) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from data.base import ImageDataset, SampleKey
 from data.errors import DataError
 from data.seeding import derive_seed
 from data.worker_signals import ignore_stop_signals
+
+#: An epoch's sample order: positions into the data set.
+Order = Union[Sequence[int], np.ndarray]
 
 # Environment variables that say how many ranks share this host: torchrun's, then Open MPI's (poprun runs on it).
 LOCAL_RANKS_ENV = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
@@ -76,7 +79,7 @@ class EpochBatchSampler(Sampler[List[SampleKey]]):
         self.epoch = 0
         self.start_batch = 0
 
-    def _order(self, epoch: int) -> Sequence[int]:
+    def _order(self, epoch: int) -> Order:
         raise NotImplementedError
 
     def samples_per_epoch(self) -> int:
@@ -117,13 +120,14 @@ class ShardedBatchSampler(EpochBatchSampler):
             raise DataError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
         super().__init__(batch_size, seed=seed, drop_last=drop_last)
         # DistributedSampler only needs len() of its "dataset", which a range has.
-        self._shard = DistributedSampler(range(size), num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
-                                         shuffle=shuffle, seed=max(seed, 0), drop_last=drop_last)
+        self._shard: DistributedSampler[int] = DistributedSampler(
+            range(size), num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
+            shuffle=shuffle, seed=max(seed, 0), drop_last=drop_last)
 
     def samples_per_epoch(self) -> int:
         return len(self._shard)
 
-    def _order(self, epoch: int) -> Sequence[int]:
+    def _order(self, epoch: int) -> Order:
         self._shard.set_epoch(epoch)
         return list(self._shard)
 

@@ -16,14 +16,15 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, cast, get_args
 
 import numpy as np
 
-from data.build import build_dataset
+from data.build import Split, build_dataset
 from data.config import DataConfig
 from data.encoded import EncodedImageDataset
 from data.errors import DataError
+from data.loader import Order
 from data.shards import INDEX_FILE, INDEX_FORMAT, shard_file, shard_sizes
 from data.transforms import build_transform
 
@@ -35,7 +36,8 @@ def _member(name: str, data: bytes) -> tuple:
     return info, io.BytesIO(data)
 
 
-def write_shard(path: Path, dataset: EncodedImageDataset, positions: Sequence[int], first_key: int) -> List[int]:
+def write_shard(path: Path, dataset: EncodedImageDataset, positions: Order,
+                first_key: int) -> List[int]:
     """Samples ``positions`` of ``dataset`` as ``<key>.<ext>`` + ``<key>.cls`` members; returns their labels."""
     labels: List[int] = []
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
@@ -61,7 +63,16 @@ def write_shard(path: Path, dataset: EncodedImageDataset, positions: Sequence[in
     return labels
 
 
-def make_shards(data: str, out: Path, shard_size: int, splits: Sequence[str], seed: int) -> Dict:
+def parse_splits(text: str) -> List[Split]:
+    """``train,val`` -> the splits, or a DataError naming the one that is not a split."""
+    names = [s for s in text.split(",") if s]
+    for name in names:
+        if name not in get_args(Split):
+            raise DataError(f"--splits: {name!r} is not a split; use train and/or val")
+    return cast(List[Split], names)
+
+
+def make_shards(data: str, out: Path, shard_size: int, splits: Sequence[Split], seed: int) -> Dict:
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1, got {shard_size}")
     cfg = DataConfig(dataset="tar" if os.path.isfile(data) else "imagefolder", path=data)
@@ -98,7 +109,7 @@ def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle before sharding")
     args = parser.parse_args(argv)
     try:
-        make_shards(args.data, args.out, args.shard_size, [s for s in args.splits.split(",") if s], args.seed)
+        make_shards(args.data, args.out, args.shard_size, parse_splits(args.splits), args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

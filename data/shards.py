@@ -26,7 +26,7 @@ import numpy as np
 from data.encoded import EncodedImageDataset
 from data.errors import DataError
 from data.layout import is_image
-from data.loader import EpochBatchSampler
+from data.loader import EpochBatchSampler, Order
 from data.seeding import derive_seed
 from data.tar import PositionalReader
 from data.transforms import Preprocessing
@@ -175,7 +175,7 @@ class ShardStreamSampler(EpochBatchSampler):
     def samples_per_epoch(self) -> int:
         return self._samples
 
-    def _order(self, epoch: int) -> Sequence[int]:
+    def _order(self, epoch: int) -> Order:
         rng = np.random.default_rng(derive_seed(self.seed, epoch, self._rank))
         shards = list(self._positions)
         order = [shards[i] for i in rng.permutation(len(shards))]

@@ -71,7 +71,7 @@ class Preprocessing:
         """Flip and RandAugment (training only), then the tensor."""
         if self.kind == "train":
             if self.hflip and draws.random() < 0.5:
-                region = region.transpose(Image.FLIP_LEFT_RIGHT)
+                region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.randaugment:
                 # torchvision's RandAugment draws from the global torch RNG: seed it from the key too.
                 with torch_rng_seeded(None if seed is None else derive_seed(seed, 1)):

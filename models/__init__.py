@@ -9,14 +9,15 @@ from .efficientnet import EfficientNet, native_resolution, split_points, train_r
 from .norms import NORM_MODULES
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> EfficientNet:
     return EfficientNet(cfg)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     """Two optimizer groups: decayed weights, and undecayed norm, proxy-norm and bias parameters."""
     no_decay_ids = {id(p) for m in model.modules() if isinstance(m, NORM_MODULES) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

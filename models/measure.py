@@ -21,7 +21,7 @@ def count_macs(model: nn.Module, resolution: int, in_channels: int = 3) -> int:
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
             total += output.numel() * k
-        else:
+        elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -40,7 +40,9 @@ def count_macs(model: nn.Module, resolution: int, in_channels: int = 3) -> int:
 def stage_shapes(model: nn.Module, resolution: int, in_channels: int = 3) -> Dict[str, List[int]]:
     """Output shape (C, H, W) of the stem, every stage and the head for one image."""
     shapes: Dict[str, List[int]] = {}
-    named = [("stem", model.stem)] + [(f"blocks.{i}", s) for i, s in enumerate(model.blocks)] + [("head", model.head)]
+    modules = dict(model.named_modules())
+    stages = [n for n in modules if n.startswith("blocks.") and n.count(".") == 1]
+    named = [(n, modules[n]) for n in ["stem", *stages, "head"]]
     handles = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, list(out.shape[1:])))
                for n, m in named]
     try:

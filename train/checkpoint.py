@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(state, writer)
+            torch.save(state, cast(IO[bytes], writer))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

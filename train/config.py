@@ -19,7 +19,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
 
 import yaml
 
@@ -149,15 +149,16 @@ def overrides_of(section: Type[Any], defaults: Dict[str, Any], prefix: str) -> T
 
 def merged(base: T, override: Any) -> T:
     """``base`` with every non-null field of ``override`` (see :func:`overrides_of`), checked again."""
-    out = dataclasses.replace(base, **{f.name: getattr(override, f.name) for f in dataclasses.fields(override)
-                                       if getattr(override, f.name) is not None})
+    out = dataclasses.replace(cast(Any, base), **{f.name: getattr(override, f.name)
+                                                  for f in dataclasses.fields(override)
+                                                  if getattr(override, f.name) is not None})
     validate = getattr(out, "validate", None)
     if validate is not None:
         try:
             validate()
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    return out
+    return cast(T, out)
 
 
 #: The paper's fine-tune (docs/paper.md, "Fine-tuning at the test resolution"): SGD without momentum, lr 2^-11 x 512 = 0.25 at batch 512, cosine.
@@ -299,7 +300,7 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Mismatch
-        return check_section(tp, value, key)
+        return check_section(cast(type, tp), value, key)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -357,7 +358,7 @@ def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix}: {raw!r} is not {_type_name(cls)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
     values = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)

@@ -50,7 +50,7 @@ class ClassificationTask(nn.Module):
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) * self.inv_std
+        x = (images.float() - self.get_buffer("mean")) * self.get_buffer("inv_std")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)

@@ -413,7 +413,7 @@ class Trainer:
     def _save(self, phase: Phase, pos: Position, backend: Backend, averages: Dict[str, WeightAverage],
               name: str, before_validation: bool = False) -> None:
         """Write a checkpoint (rank 0) that every process then knows by name; any failure stops every process."""
-        state = {
+        state: Dict[str, Any] = {
             "model": backend.host_model().state_dict(),
             "backend": backend.state_dict(),
             "averages": {k: a.state_dict() for k, a in averages.items()},

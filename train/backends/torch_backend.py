@@ -58,7 +58,7 @@ class TorchBackend(Backend):
             self.task.to(memory_format=torch.channels_last)
         self.micro = phase.micro_batch_size
         self.accumulation = phase.gradient_accumulation
-        self.optimizer = make_optimizer(self.global_batch) if make_optimizer else None
+        self._optimizer = make_optimizer(self.global_batch) if make_optimizer else None
         self.autocast_dtype = AUTOCAST[precision]
         self.scaler = torch.cuda.amp.GradScaler(init_scale=cfg.precision.loss_scale) if precision == "fp16" else None
         self.data = cfg.data
@@ -66,12 +66,18 @@ class TorchBackend(Backend):
         self.clip_grad_norm = phase.optimizer.clip_grad_norm
         # Loaders live for the phase (persistent workers): one for training, one per eval transform.
         self._loaders: Dict[Tuple[bool, Any], EpochLoader] = {}
-        self.runner: nn.Module = self.task
+        self.runner: Any = self.task  # the task, wrapped by DDP and/or torch.compile
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         if t.compile:
             self.runner = torch.compile(self.runner, mode=t.compile_mode)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            raise RuntimeError("this backend was built for evaluation only (no optimizer)")
+        return self._optimizer
 
     # ----------------------------------------------------------------------------------------- geometry
     def host_model(self) -> nn.Module:
