@@ -21,7 +21,7 @@ PYTHON      ?= python3
 PYTHON_SDK34 ?=
 VENV_ROOT   ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/effnet-ipu
 
-REQ_FILES   := requirements.txt requirements-bench.txt constraints.txt
+REQ_FILES   := requirements.txt requirements-bench.txt requirements-dev.txt constraints.txt
 SDK34_FILES := requirements.txt constraints-sdk34.txt
 
 # "<pyX.Y>-<first 12 hex of sha256(files)>"; no '#' may appear in a $(shell) line.
@@ -51,7 +51,7 @@ TRAIN_ARGS  ?=
 TRAIN_CONFIG ?= configs/demo-fashion-mnist.yml
 BENCH_ARGS  ?=
 
-.PHONY: help venv venv-sdk34 data train test test-sdk34 bench lock lock-sdk34 \
+.PHONY: help venv venv-sdk34 data train test test-fast test-sdk34 lint bench lock lock-sdk34 \
         venv-path venv-prune clean
 
 help: ## list the targets
@@ -78,7 +78,8 @@ $(STAMP):
 	rm -rf "$(VENV)"
 	mkdir -p "$(VENV_ROOT)"
 	$(PYTHON) -m venv "$(VENV)"
-	"$(VENV)/bin/python" -m pip install -r requirements.txt -r requirements-bench.txt -c constraints.txt
+	"$(VENV)/bin/python" -m pip install -r requirements.txt -r requirements-bench.txt -r requirements-dev.txt \
+	  -c constraints.txt
 	"$(VENV)/bin/python" -m pip freeze > "$(VENV)/.effnet-freeze.txt"
 	touch "$@"
 	@echo "==> venv ready: $(VENV)"
@@ -146,6 +147,13 @@ train: venv data ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS
 
 test: venv data ## run the test suite in the reference venv (PYTEST_ARGS)
 	"$(PY)" -m pytest $(PYTEST_ARGS)
+
+test-fast: venv data ## the quick tier for the edit-test loop: every test not marked slow (PYTEST_ARGS)
+	"$(PY)" -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv ## static checks: ruff (lint, import order) and mypy (models, data, ipu_options, train)
+	"$(PY)" -m ruff check .
+	"$(PY)" -m mypy
 
 test-sdk34: venv-sdk34 data ## run the tests under Python 3.10 + torch 2.0.1, minus needs_new_torch
 	"$(SDK34_PY)" -m pytest -m "not needs_new_torch" $(PYTEST_ARGS)

@@ -38,9 +38,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from data import DataConfig, DataError, build_dataset, build_transform
+from data.base import to_rgb  # the same conversion the pipeline uses
 from data.decode import JPEG_DECODER, can_decode_scaled, dct_scale
 from data.encoded import EncodedImageDataset
-from data.loader import build_loader, usable_cores
+from data.host import usable_cores
+from data.loader import build_loader
 from data.transforms import PreprocessingKind
 
 PIPELINES = ("torchvision", "fused", "plain")
@@ -70,8 +72,6 @@ def _canvas_size(rng: random.Random) -> Tuple[int, int]:
 def _test_image(dataset, j: int, size: Tuple[int, int], style: str, rng: random.Random) -> Image.Image:
     """``resized``: source image ``j`` scaled to ``size``; ``mosaic``: ``size`` tiled with source images from
     ``j`` on at about their native size (the detail, and so the bytes per pixel, of a real photograph)."""
-    from data.base import to_rgb  # the same conversion the pipeline uses
-
     if style == "resized":
         return to_rgb(dataset._open(j)).resize(size, Image.Resampling.BICUBIC)
     canvas = Image.new("RGB", size)
@@ -79,7 +79,9 @@ def _test_image(dataset, j: int, size: Tuple[int, int], style: str, rng: random.
     for top in range(0, size[1], TILE):
         for left in range(0, size[0], TILE):
             tile = to_rgb(dataset._open(k % len(dataset)))
-            canvas.paste(tile.resize((TILE, TILE), Image.Resampling.BICUBIC) if tile.size != (TILE, TILE) else tile, (left, top))
+            if tile.size != (TILE, TILE):
+                tile = tile.resize((TILE, TILE), Image.Resampling.BICUBIC)
+            canvas.paste(tile, (left, top))
             k += rng.randint(1, 97)
     return canvas
 

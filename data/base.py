@@ -17,7 +17,8 @@ from data.errors import DataError
 from data.seeding import derive_seed
 from data.skips import SkipCounter
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (annotations only: data.loader and data.transforms build on this module)
+    from data.loader import EpochBatchSampler
     from data.transforms import Preprocessing
 
 Sample = Tuple[torch.Tensor, int]
@@ -95,6 +96,12 @@ class ImageDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source}, {len(self)} samples, {self.num_classes} classes)"
+
+    def stream_sampler(self, batch_size: int, *, seed: int, rank: int, world_size: int,
+                       drop_last: bool) -> Optional[EpochBatchSampler]:
+        """The training sampler of a data set stored in shards that each rank reads on its own; None (here):
+        shuffle by a permutation of all samples (:class:`data.loader.ShardedBatchSampler`)."""
+        return None
 
     def with_transform(self: D, transform: Preprocessing) -> D:
         """A view of the same files with another transform (e.g. for the fine-tuning phase); no re-scan.

@@ -15,7 +15,6 @@ from data.shards import ShardDataset
 from data.tar import TarDataset
 from data.transforms import Preprocessing
 
-
 #: The two splits every data set has.
 Split = Literal["train", "val"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
+from data.host import default_workers
+
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 
 
@@ -53,8 +55,6 @@ class DataConfig:
         # ``workers: null`` becomes the machine's count as soon as the section exists, so every backend gets a
         # number and the saved config.yaml records the one that ran (see docs/data.md).
         if self.workers is None:
-            from data.loader import default_workers
-
             self.workers = default_workers()
 
     def validate(self) -> None:

@@ -18,7 +18,6 @@ build a new loader for each epoch rather than calling ``set_epoch`` on the origi
 from __future__ import annotations
 
 import functools
-import os
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -28,37 +27,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from data.base import ImageDataset, SampleKey
 from data.errors import DataError
+from data.host import default_workers
 from data.seeding import derive_seed
 from data.worker_signals import ignore_stop_signals
 
 #: An epoch's sample order: positions into the data set.
 Order = Union[Sequence[int], np.ndarray]
-
-# Environment variables that say how many ranks share this host: torchrun's, then Open MPI's (poprun runs on it).
-LOCAL_RANKS_ENV = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which schedulers and containers set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def local_ranks() -> int:
-    """Training processes on this host, from the launcher's environment (1 without a launcher)."""
-    for name in LOCAL_RANKS_ENV:
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
-def default_workers(ranks: Optional[int] = None) -> int:
-    """``data.workers: null``: this rank's share of the host's usable cores, less one for the rank itself (which
-    runs the training loop and collects the batches); 0 (load in the main process) on a single core."""
-    return max(usable_cores() // (ranks or local_ranks()) - 1, 0)
-
 
 class EpochBatchSampler(Sampler[List[SampleKey]]):
     """This rank's batches of :class:`SampleKey` for one epoch at a time, resumable at any batch.
@@ -134,12 +108,12 @@ class ShardedBatchSampler(EpochBatchSampler):
 
 def batch_sampler_for(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int,
                       world_size: int, drop_last: bool) -> EpochBatchSampler:
-    """Sharded data sets shuffle by shard (each rank reads only its own shards); the rest by permutation."""
-    from data.shards import ShardDataset, ShardStreamSampler  # data.shards builds on this module
-
-    if shuffle and isinstance(dataset, ShardDataset):
-        return ShardStreamSampler(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
-                                  drop_last=drop_last)
+    """Sharded data sets shuffle by shard (each rank reads only its own shards, see
+    :meth:`data.base.ImageDataset.stream_sampler`); the rest by permutation."""
+    streamed = dataset.stream_sampler(batch_size, seed=seed, rank=rank, world_size=world_size,
+                                      drop_last=drop_last) if shuffle else None
+    if streamed is not None:
+        return streamed
     return ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank,
                                world_size=world_size, drop_last=drop_last)
 

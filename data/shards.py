@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple
 
 import numpy as np
 
@@ -86,6 +86,11 @@ class ShardDataset(EncodedImageDataset):
     process reads from it, so a rank touches only the shards it reads.
     """
 
+
+    def stream_sampler(self, batch_size: int, *, seed: int, rank: int, world_size: int,
+                       drop_last: bool) -> EpochBatchSampler:
+        return ShardStreamSampler(self, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                  drop_last=drop_last)
     def __init__(self, root: str, split: str, transform: Preprocessing, skip_corrupt: bool = False,
                  shuffle_buffer: int = 10000) -> None:
         if not os.path.isdir(root):

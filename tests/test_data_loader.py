@@ -9,12 +9,12 @@ from typing import List, Tuple, Union
 
 import pytest
 import torch
+from test_data import TREE_CLASSES, assert_same_batches, write_tree
 
 from conftest import TINY_MODEL, needs_fashion
 from data import DataConfig, EpochLoader, SampleKey, build_dataset, build_loader, build_transform
+from data.host import default_workers, usable_cores
 from data.imagefolder import ImageFolderDataset
-from data.loader import default_workers, usable_cores
-from test_data import TREE_CLASSES, assert_same_batches, write_tree
 
 Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 

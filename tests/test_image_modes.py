@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from data import DataConfig, build_transform
 from data.base import to_rgb
 from data.imagefolder import ImageFolderDataset
-from data.transforms import Preprocessing
 
-RAW = Preprocessing("eval", 4, lambda image: np.asarray(image))  # no resize: the decoded RGB pixels themselves
+#: The eval transform at the file's own size: resizing and cropping a one-colour image keeps its colour exactly.
+EVAL4 = build_transform("eval", 4, DataConfig())
 
 # mode, file suffix, the value written, and the 8-bit RGB expected back.
 CASES = [
@@ -60,8 +62,9 @@ def test_every_mode_becomes_8_bit_rgb(tmp_path: Path, mode, suffix, value, rgb):
     _image(mode, value).save(path)
     with Image.open(path) as written:
         assert written.mode == ("I" if suffix == ".pgm" else mode)  # the file really holds that mode
-    pixels, _ = ImageFolderDataset(str(tmp_path), "train", RAW)[0]
-    assert pixels.dtype == np.uint8 and pixels.shape == (4, 4, 3)
+    image, _ = ImageFolderDataset(str(tmp_path), "train", EVAL4)[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 4, 4)
+    pixels = image.permute(1, 2, 0).numpy()
     assert np.abs(pixels.astype(int) - np.array(rgb)).max() <= 1, (mode, suffix, pixels[0, 0], rgb)
 
 

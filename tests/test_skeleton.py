@@ -143,7 +143,7 @@ def _pins(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("req_files, lock", [
-    (["requirements.txt", "requirements-bench.txt"], "constraints.txt"),
+    (["requirements.txt", "requirements-bench.txt", "requirements-dev.txt"], "constraints.txt"),
     (["requirements.txt"], "constraints-sdk34.txt"),
 ])
 def test_locks_pin_every_requirement_within_its_range(req_files, lock):
