@@ -29,7 +29,7 @@ import sys
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import PIL
 import torch
@@ -291,8 +291,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.make_test_images is not None:
             summary = make_test_images(args.make_test_images, args.source, args.count, args.style, args.seed)

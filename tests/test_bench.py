@@ -56,6 +56,7 @@ def test_cli_with_timm_comparison() -> None:
         assert len(lines) == 1
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_in_process(capsys: pytest.CaptureFixture) -> None:
     argv = TINY + ["--models", "efficientnet-b0-g1-bn,efficientnet-b0-g16-gn", "--resolutions", "32,48",
                    "--precision", "bf16", "--channels-last", "--optimizer", "sgd", "--steps", "1"]
@@ -88,6 +89,7 @@ def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture, argv: Lis
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lowres_experiment_runs_three_arms_on_real_jpegs(shared_cifar_tarball, tmp_path, monkeypatch, capsys):
     from bench.lowres_experiment import main as lowres_main
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import needs_fashion
@@ -20,6 +21,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench.data", *args], cwd=ROOT, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_make_test_images_then_benchmark_all_pipelines(tmp_path):
     made = bench("--make-test-images", str(tmp_path / "set"), "--source", "fashion-mnist", "--count", "40")
@@ -49,10 +51,12 @@ def test_make_test_images_then_benchmark_all_pipelines(tmp_path):
         assert abs(sum(lines[1]["dct_scales"].values()) - 1) < 1e-6
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_errors(tmp_path):
     done = bench("--data", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr
     done = bench("--data", str(tmp_path), "--pipelines", "torchvision,dali")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'torchvision,dali'" in done.stderr and "expected some of torchvision" in done.stderr
     done = bench("--images", "0", "--data", str(tmp_path))
     assert done.returncode == 2 and "--images must be at least 1" in done.stderr

@@ -96,7 +96,7 @@ def test_worker_count_defaults_to_the_cores_per_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cores))  # poprun (Open MPI): one core per instance
     assert default_workers() == 0
-    assert DataConfig().workers == 0 and DataConfig(workers=3).workers == 3  # config.yaml records what ran
+    assert DataConfig().workers == 0  # resolved when the section is built: config.yaml records what ran
 
 
 def test_prefetch_factor_and_persistence_reach_the_dataloader(augmented):

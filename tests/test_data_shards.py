@@ -65,6 +65,7 @@ def fingerprints(batches) -> List[str]:
     return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for images, _ in batches for image in images]
 
 
+@pytest.mark.slow
 def test_make_shards_writes_webdataset_style_tars_and_an_index(shards, cifar_folder):
     index = json.loads((shards / "index.json").read_text())
     assert [len(s["labels"]) for s in index["splits"]["train"]] == [10, 10, 10, 10]
@@ -82,6 +83,7 @@ def test_make_shards_writes_webdataset_style_tars_and_an_index(shards, cifar_fol
     assert {dataset._read(j): dataset.classes[dataset.targets[j]] for j in range(len(dataset))} == folder
 
 
+@pytest.mark.slow
 def test_one_epoch_over_two_ranks_sees_every_image_exactly_once(shards, cifar_folder):
     cfg = DataConfig(dataset="imagefolder", path=str(cifar_folder))
     folder = build_dataset(cfg, "train", build_transform("eval", 32, cfg))
@@ -104,6 +106,7 @@ def test_one_epoch_over_two_ranks_sees_every_image_exactly_once(shards, cifar_fo
         assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_at_the_right_sample(shards):
     dataset = shard_set(shards, transform="train")
     loader = EpochLoader(dataset, 4, shuffle=True, seed=1, rank=1, world_size=2, workers=2, drop_last=True,
@@ -117,6 +120,7 @@ def test_resume_mid_epoch_continues_at_the_right_sample(shards):
     assert_same_batches(list(fresh.epoch(3, start_batch=3)), whole[3:])
 
 
+@pytest.mark.slow
 def test_a_corrupt_member_is_named(shards, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -132,6 +136,7 @@ def test_a_corrupt_member_is_named(shards, tmp_path):
     assert dataset[2 * 10 + 4][0].shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_damaged_folders_and_too_many_ranks_give_clear_errors(shards, tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'index.json'} does not exist.*data.make_shards"):
         shard_set(tmp_path)
@@ -160,6 +165,7 @@ def test_shuffle_buffer_is_a_seeded_local_permutation():
     assert np.array_equal(buffer_shuffle(stream, 1, np.random.default_rng(0)), stream)
 
 
+@pytest.mark.slow
 def test_training_runs_from_shards(shards, tmp_path):
     from train.checkpoint import load_checkpoint
     from train.cli import main

@@ -174,6 +174,7 @@ def test_sigterm_to_the_process_group_of_a_torchrun_job_with_workers(tmp_path, s
     assert_same_weights(final_weights(runs), straight[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(2))
 def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, straight, repeat):
     runs = tmp_path / "runs"
@@ -186,6 +187,7 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, straight, re
     assert_same_weights(final_weights(runs), straight[1])
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_loader_worker_alone_is_ignored(tmp_path, straight):
     """A worker is not the job: a signal that reaches only a worker must not crash its rank."""
     runs = tmp_path / "runs"
@@ -198,6 +200,7 @@ def test_sigterm_to_a_loader_worker_alone_is_ignored(tmp_path, straight):
     assert_same_weights(final_weights(runs), straight[1])
 
 
+@pytest.mark.slow
 def test_sigint_twice_still_writes_one_checkpoint_and_resumes_exactly(tmp_path, straight):
     runs = tmp_path / "runs"
     proc = start_and_wait(train_cmd(runs), runs, start_new_session=True)
@@ -246,6 +249,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_earlier_checkpoints_stay_loadable(small_disk):
     done = subprocess.run(train_cmd(small_disk / "runs", "checkpoint.every_steps=1", "checkpoint.keep=1000"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -281,6 +285,7 @@ def test_a_write_that_fails_midway_removes_its_partial_file(tmp_path, monkeypatc
     assert torch.equal(load_checkpoint(good)["model"]["w"], torch.ones(3))
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_at_the_next_start(tmp_path):
     runs = tmp_path / "runs"
     run_to_end(train_cmd(runs, "train.max_steps=4"))
@@ -291,6 +296,7 @@ def test_stale_temporaries_are_removed_at_the_next_start(tmp_path):
     assert not stale.exists() and str(stale) in done.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_run_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -302,6 +308,7 @@ def test_unwritable_run_folder_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- non-finite
+@pytest.mark.slow
 def test_nan_stop_names_a_checkpoint_that_resumes_and_trains(tmp_path):
     runs = tmp_path / "runs"
     done = subprocess.run(train_cmd(runs, "optimizer.lr=1e6", "checkpoint.every_steps=1"), cwd=ROOT, env=ENV,
@@ -324,6 +331,7 @@ def test_nan_stop_names_a_checkpoint_that_resumes_and_trains(tmp_path):
     assert final["position"]["step"] == more and final["position"]["nonfinite_steps"] == 0
 
 
+@pytest.mark.slow
 def test_skip_drops_a_nan_step_and_counts_it(tmp_path, monkeypatch, capsys):
     """One poisoned step (an injected NaN loss) is dropped; training goes on and the weights stay finite."""
     from train.cli import main
@@ -376,3 +384,30 @@ def test_gradient_clipping_bounds_the_update():
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert stats.applied and stats.grad_norm > 1e-3
     assert torch.linalg.vector_norm(moved).item() == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_resume_inside_the_finetune_phase_keeps_one_step_counter(tmp_path):
+    """W&B rejects steps that go backwards: the global step keeps increasing over the phase boundary and the
+    resume, and the summary keeps the training phase's figures."""
+    runs = tmp_path / "runs"
+    cmd = train_cmd(runs, "train.max_steps=16", "finetune.enabled=true", "finetune.resolution=16",
+                    "finetune.epochs=3", "finetune.optimizer.lr=0.01", "finetune.optimizer.reference_batch=16")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not any('"phase": "finetune"' in line and '"train/loss"' in line
+                  for f in runs.glob("*/metrics.jsonl") for line in f.read_text().splitlines()[-5:]):
+        assert proc.poll() is None and time.time() < deadline, "the fine-tune phase never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = finish(proc)
+    assert proc.returncode == 130 and "of phase 'finetune'" in err, err[-3000:]
+    run_to_end(cmd + ["--resume", "auto"])
+    (run_dir,) = runs.iterdir()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "step" in x]
+    assert steps == sorted(steps) and max(steps) == 16 + 3 * 16
+    assert {x["phase"] for x in lines if "phase" in x} == {"train", "finetune"}
+    summary = [x for x in lines if x.get("kind") == "summary"][-1]
+    assert summary["train/steps"] == 16 and summary["finetune/steps"] == 48 and "train/val/top1@16" in summary

@@ -56,6 +56,7 @@ def folder_run(data: Path, runs: Path, *extra: str) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------- found before any step
+@pytest.mark.slow
 def test_a_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     data = image_folder(tmp_path / "set")
     bad = data / "train" / "b" / "07.jpg"  # not in the first batch: found by a worker during training
@@ -64,6 +65,7 @@ def test_a_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     assert f"corrupt image {bad}" in line and "in DataLoader worker process" in line
 
 
+@pytest.mark.slow
 def test_a_corrupt_first_batch_stops_before_the_run_starts(tmp_path):
     data = image_folder(tmp_path / "set")
     bad = data / "val" / "a" / "00.jpg"
@@ -73,6 +75,7 @@ def test_a_corrupt_first_batch_stops_before_the_run_starts(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_late_in_validation_keeps_the_epoch(tmp_path):
     """The checkpoint written before validating holds the epoch; a resume validates, then trains on."""
     data = image_folder(tmp_path / "set")
@@ -91,6 +94,7 @@ def test_a_corrupt_image_late_in_validation_keeps_the_epoch(tmp_path):
     assert [x["epoch"] for x in lines if "val/top1@16" in x] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_bad_first_trainable_fails_before_training(tmp_path):
     done = train(*sets(QUICK + ["finetune.enabled=true", "finetune.first_trainable=blocks.99.0",
                                 f"logging.run_dir={tmp_path}"]))
@@ -99,6 +103,7 @@ def test_a_bad_first_trainable_fails_before_training(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_a_batch_larger_than_the_data_set_is_an_error_not_zero_steps(tmp_path):
     line = one_error_line(train(*sets(QUICK + ["data.train_subset=16", "train.micro_batch_size=32",
@@ -106,6 +111,7 @@ def test_a_batch_larger_than_the_data_set_is_an_error_not_zero_steps(tmp_path):
     assert "train.micro_batch_size 32" in line and "16" in line and "no step" in line
 
 
+@pytest.mark.slow
 def test_yaml_syntax_errors_are_one_line_with_the_file_and_line(tmp_path):
     recipe = tmp_path / "broken.yml"
     recipe.write_text("model:\n  norm: layer\n  group_dim: [16\n")
@@ -113,6 +119,7 @@ def test_yaml_syntax_errors_are_one_line_with_the_file_and_line(tmp_path):
     assert f"{recipe}:4:1: not valid YAML" in line
 
 
+@pytest.mark.slow
 def test_print_config_shows_what_the_recipe_resolves_to():
     done = train("--config", "configs/models/efficientnet-b0-g16-ln-pn.yml", "--print-config",
                  "--set", "train.resolution=half")
@@ -131,6 +138,7 @@ def finished_run(tmp_path):
     return args, next((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_batch_geometry_unless_forced(finished_run):
     args, run_dir = finished_run
     middle = run_dir / "checkpoints" / "train-step00000004.pt"
@@ -141,6 +149,7 @@ def test_resume_refuses_a_different_batch_geometry_unless_forced(finished_run):
     assert "--resume-force: continuing" in forced.stderr and "train.micro_batch_size: 8 -> 4" in forced.stderr
 
 
+@pytest.mark.slow
 def test_resume_into_another_model_is_one_line_even_when_forced(finished_run):
     args, run_dir = finished_run
     assert "model.width_mult" in one_error_line(train(*args, "--set", "model.width_mult=0.5", "--resume", "auto"))
@@ -148,6 +157,7 @@ def test_resume_into_another_model_is_one_line_even_when_forced(finished_run):
     assert "does not fit this model" in line and "differ in shape" in line
 
 
+@pytest.mark.slow
 def test_validate_with_another_class_count_is_one_line(finished_run):
     args, run_dir = finished_run
     line = one_error_line(train("--checkpoint", str(run_dir / "checkpoints" / "train-final.pt"), "--resolutions",
@@ -155,6 +165,7 @@ def test_validate_with_another_class_count_is_one_line(finished_run):
     assert "classifier.weight" in line and "[2, " in line and "[5, " in line
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_drop_the_wandb_run(tmp_path):
     data = image_folder(tmp_path / "set")
     args = folder_run(data, tmp_path / "runs", "data.workers=0", "train.epochs=1", "logging.wandb=offline")
