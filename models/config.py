@@ -29,6 +29,7 @@ class ModelConfig:
     dropout: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0, "help": "before the classifier; null = preset's"})
     survival_prob: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0, "help": "stochastic depth survival of the last block"})
     fused_norm: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "fused Triton group/layer norm + swish + proxy norm kernels: auto = on CUDA tensors when Triton imports, else PyTorch; on = always (error if impossible); off = PyTorch."})
+    norm_autograd: Literal["auto", "function", "modules"] = field(default="auto", metadata={"help": "the PyTorch path of group/layer norm units: function = one memory-lean autograd Function per norm + affine + swish (+ proxy norm) unit (docs/performance.md); modules = the plain modules, one autograd node per op (what the IPU must trace: PopART differentiates the graph itself and never runs a custom backward); auto = function, except while PopTorch traces or when a unit's norm/activation module has forward hooks."})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

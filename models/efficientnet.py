@@ -337,7 +337,8 @@ class EfficientNet(nn.Module):
         cfg.validate()
         preset = PRESETS[cfg.name]
         width, _ = width_and_depth(cfg)
-        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, fused_norm=cfg.fused_norm)
+        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, fused_norm=cfg.fused_norm,
+                        norm_autograd=cfg.norm_autograd)
         plan = block_plan(cfg)
         stem_ch = preset.arch.channels(preset.arch.stem_channels, width)
         head_ch = preset.arch.channels(preset.arch.head_channels, width)
