@@ -324,11 +324,15 @@ def make_block(block: BlockConfig, norm: NormSpec, group_dim: int) -> ResidualBl
 
 
 def drop_path(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
-    """Per-sample stochastic depth; survivors are scaled by ``1/survival_prob`` so the expectation is kept."""
+    """Per-sample stochastic depth; survivors are scaled by ``1/survival_prob`` so the expectation is kept.
+
+    The scale goes into the per-sample mask before it meets the activation: one full-size multiply forward and one
+    backward (not a multiply and a divide each), with the same mask and arithmetic as torchvision's and timm's.
+    """
     if not training or survival_prob >= 1.0:
         return x
-    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device) < survival_prob
-    return x * keep.to(x.dtype) / survival_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(survival_prob)
+    return x * mask.div_(survival_prob)
 
 
 class EfficientNet(nn.Module):
