@@ -90,13 +90,10 @@ def _sizes(x: torch.Tensor) -> Tuple[int, int, int]:
     return n, c, x.numel() // max(n * c, 1)
 
 
-def _channel_sums(grad: torch.Tensor, out: Optional[torch.Tensor], inv_s: torch.Tensor
-                  ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """Per channel (sums over every dim but 1), in ``inv_s``' dtype: ``(sum grad * out * inv_s, sum grad)``, in
-    one fused read of both (batch norm's weight and bias gradients at mean 0, inverse std ``inv_s``);
-    ``(None, sum grad)`` without ``out``."""
-    if out is None:
-        return None, grad.sum([d for d in range(grad.dim()) if d != 1], dtype=inv_s.dtype)
+def _channel_dot_and_sum(grad: torch.Tensor, out: torch.Tensor, inv_s: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per channel (sums over every dim but 1), in ``inv_s``' dtype: ``sum(grad * out) * inv_s`` and ``sum(grad)``,
+    from one fused read of both tensors (batch norm's weight and bias gradients at mean 0, inverse std ``inv_s``)."""
     _, dot, total = _aten.native_batch_norm_backward(grad, out, None, None, None, torch.zeros_like(inv_s), inv_s,
                                                      True, 0.0, [False, True, True])
     return dot.to(inv_s.dtype), total.to(inv_s.dtype)
@@ -119,6 +116,8 @@ class _NormSwish(torch.autograd.Function):
                                                       groups, eps)
             out = F.silu(out, inplace=True)
             if mode is not None:
+                assert gamma is not None and beta is not None and proxy_beta is not None
+                assert proxy_gamma is not None and quantiles is not None
                 m, s, _ = proxy_moments(gamma, beta, proxy_beta, proxy_gamma, quantiles, proxy_eps)
                 if mode == "full":
                     out = torch.addcmul(_channel_view(-m * s, x), out, _channel_view(s, x), out=out)
@@ -151,16 +150,17 @@ class _NormSwish(torch.autograd.Function):
             # The norm's backward sees d(loss)/da through ``weight``: gamma, or gamma * s when s scales the output.
             weight = gamma
             if mode is not None:
+                assert gamma is not None and beta is not None and proxy_beta is not None
+                assert proxy_gamma is not None and quantiles is not None
                 m, s, u = proxy_moments(gamma, beta, proxy_beta, proxy_gamma, quantiles, ctx.proxy_eps)
                 if mode == "full":
                     weight = gamma * s.to(gamma.dtype)
                 if need_params:
                     if mode == "full":  # out = (phi - m) s:  dm = -s sum(g),  ds = sum(g (phi - m)) = sum(g out) / s
-                        ds, total = _channel_sums(grad, out, s.reciprocal())
+                        ds, total = _channel_dot_and_sum(grad, out, s.reciprocal())
                         dm = -s * total
                     else:  # out = phi - m:  dm = -sum(g);  s leaves as an output (deferred) or not at all
-                        _, total = _channel_sums(grad, None, s)
-                        dm = -total
+                        dm = -grad.sum([d for d in range(grad.dim()) if d != 1], dtype=s.dtype)
                         ds = grad_s.to(s.dtype) if grad_s is not None else torch.zeros_like(s)
             d_act = _aten.silu_backward.grad_input(grad, act_in, grad_input=act_in)
             dx, dgamma, dbeta = _aten.native_group_norm_backward(

@@ -81,6 +81,7 @@ class NormAct(nn.Module):
     def _function(self, x: torch.Tensor, deferred: bool):
         """The unit as one autograd Function, on the modules' own parameters (models/norm_act.py)."""
         norm, act = self.norm, self.act
+        assert isinstance(norm, nn.GroupNorm)  # use_function() chose this path for group/layer norms only
         if isinstance(act, ProxyNormActivation):
             # Called as a plain forward, a deferred-scale unit only centres (as ProxyNormActivation.forward does).
             mode = "deferred_scale" if deferred else ("full" if act.mode == "full" else "center_only")
@@ -107,6 +108,7 @@ class ScaleOnlyNorm(nn.Module):
         if use_fused(self.fused_norm, self.norm, x):
             return fused_scale_norm(self.norm, self.weight, x)
         if use_function(self.norm_autograd, self.norm):
+            assert isinstance(self.norm, nn.GroupNorm)
             # group norm's own affine (weight, no bias): one op that saves x only, not the product's two inputs
             return F.group_norm(x, self.norm.num_groups, kernel_param(self.weight, x), None, self.norm.eps)
         return self.norm(x) * self.weight.to(x.dtype).view(1, -1, 1, 1)

@@ -84,6 +84,8 @@ class ProxyNormActivation(nn.Module):
       per-channel scale is absorbed by the classifier).
     """
 
+    quantiles: torch.Tensor
+
     def __init__(self, channels: int, mode: ProxyMode = "full", eps: float = 0.03, num_points: int = 200):
         super().__init__()
         if mode not in ("full", "deferred_scale", "center_only"):
