@@ -12,7 +12,7 @@ models/norm_act.py, docs/performance.md), else the plain modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class NormAct(nn.Module):
             return self.act.forward_deferred(self.norm(x))
         return self(x), None
 
-    def _function(self, x: torch.Tensor, deferred: bool):
+    def _function(self, x: torch.Tensor, deferred: bool) -> Any:
         """The unit as one autograd Function, on the modules' own parameters (models/norm_act.py)."""
         norm, act = self.norm, self.act
         assert isinstance(norm, nn.GroupNorm)  # use_function() chose this path for group/layer norms only
