@@ -239,15 +239,26 @@ def test_hooks_on_the_norm_module_still_run_under_auto():
 @pytest.mark.needs_new_torch  # torch 2.0's dynamo: "autograd.Function with requires_grad" (there auto = modules)
 @pytest.mark.parametrize("kind", ["full", "deferred_scale"])
 def test_torch_compile_traces_the_function_without_graph_breaks(kind):
+    """Under ``auto``, dynamo puts the Function itself into one graph (``fullgraph``: a break would raise), and the
+    Inductor-compiled forward and backward match eager."""
     assert DYNAMO_TRACES_FUNCTIONS
-    lean = unit(kind, "layer", 16, "function")
+    lean = unit(kind, "layer", 16, "auto")
     x = torch.randn(2, 16, 8, 8)
     ups = upstream_for(lean, x, seed=3)
     eager_outs, eager_grads = run(lean, x, ups)
     compiled = copy.deepcopy(lean)
     target = compiled.forward_deferred if kind == "deferred_scale" else compiled.forward
+    traced: List[str] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
     torch._dynamo.reset()
-    compiled_fn = torch.compile(target, fullgraph=True)  # a graph break raises
+    torch.compile(target, fullgraph=True, backend=capture)(x)
+    assert any("autograd_function_apply" in t for t in traced) and not any("group_norm" in t for t in traced)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(target, fullgraph=True)
     xc = x.clone().requires_grad_()
     outs = compiled_fn(xc)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
