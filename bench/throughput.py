@@ -3,7 +3,20 @@
 Each (model, resolution) runs forward + backward + optimizer step on one synthetic uint8 batch made once on the
 device, normalised on the device every step as the trainer does, so the figure is the model's cost, not the data
 pipeline's. It prints one JSON line per (model, resolution) with the median images/s over the timed steps (after
-warm-up; CUDA is synchronised after each step), peak memory, parameters and MACs per image.
+warm-up; CUDA is synchronised after each step), peak memory, the activation memory autograd saves, parameters and
+MACs per image.
+
+Every configuration is built and warmed up first; then ``--repeats`` rounds each run ``--steps`` timed steps of
+every configuration in turn, so a machine shared with other work slows all of them alike. Ratios between two
+configurations are the median over rounds of the ratio within a round: ``vs_<other>`` of wall-clock images/s,
+``cpu_vs_<other>`` of images per second of process CPU time (all threads), which a busy machine disturbs less
+(it still counts cache contention, and the time threads spin at a barrier waiting for a descheduled peer).
+
+Memory, two figures: ``peak_mem_mb`` is CUDA's peak allocated memory, or on a Linux CPU the peak resident set
+above the one on entry to the round (freed memory is handed back to the OS first, so each configuration is
+measured alone; the maximum over rounds); ``saved_mb`` counts, once, every distinct tensor storage autograd saves
+for the backward during one training forward (parameters excluded): the activation memory a model holds at its
+peak, exact and the same on every device, where the CPU's resident set also holds allocator caches.
 
 ``--compare-timm`` also runs timm's ``efficientnet_b0`` and ``efficientnet_b0_gn`` in the same process at the same
 settings (always including ``--timm-resolution``, by default their native 224) and adds to our lines the ratio of our images/s to
@@ -23,15 +36,16 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.norm_act import NORM_AUTOGRAD_MODES, NormAutograd
 from models.summary import count_macs
 from train.config import ConfigError, load_config
 
@@ -51,6 +65,7 @@ class Settings:
     optimizer: str
     steps: int
     warmup: int
+    repeats: int
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -107,6 +122,26 @@ def peak_memory(device: torch.device) -> Iterator[Dict[str, Optional[float]]]:
     out["peak_mem_mb"] = (_proc_status_kb("VmHWM") - start_kb) / 1024
 
 
+@contextmanager
+def saved_tensor_bytes(model: nn.Module) -> Iterator[Dict[str, int]]:
+    """Bytes of the distinct storages autograd saves for the backward inside the block, parameters and buffers
+    excluded (they are held anyway). Storages are told apart by their data pointer, so a tensor saved by two
+    nodes (an output saved by its producer and by the next op) counts once, as it does in memory."""
+    held = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: Dict[int, int] = {}
+    out = {"bytes": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"] = sum(seen.values())
+
+
 # ------------------------------------------------------------------------------------------------- timing
 def grad_scaler(enabled: bool) -> Any:
     """fp16 loss scaling; ``torch.amp.GradScaler`` is torch >= 2.3, the older spelling is kept for torch 2.0."""
@@ -123,8 +158,21 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5)
 
 
-def time_training(model: nn.Module, resolution: int, in_channels: int, s: Settings) -> List[float]:
-    """Seconds of each timed training step (warm-up steps excluded)."""
+@dataclass
+class Run:
+    """One configuration: its training step, ready to time, and what was measured of it so far."""
+
+    label: str
+    resolution: int
+    step: Callable[[], None]
+    info: Dict[str, Any]
+    rounds: List[List[float]]
+    cpu_rounds: List[List[float]]
+    peak_mem_mb: Optional[float] = None
+
+
+def training_step(model: nn.Module, resolution: int, in_channels: int, s: Settings) -> Callable[[], None]:
+    """A closure running one training step (forward, backward, optimizer) of ``model`` on its own fixed batch."""
     dev = s.device
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format).train()
@@ -146,34 +194,68 @@ def time_training(model: nn.Module, resolution: int, in_channels: int, s: Settin
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-
-    times = []
-    for i in range(s.warmup + s.steps):
-        start = time.perf_counter()
-        step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        if i >= s.warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return step
 
 
-def measure(label: str, model: nn.Module, resolution: int, s: Settings) -> Dict:
-    """One JSON-ready result line."""
+def prepare(label: str, model: nn.Module, resolution: int, s: Settings) -> Run:
+    """Build the step and warm it up; the first warm-up step also counts the saved activations."""
     params = sum(p.numel() for p in model.parameters())
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     macs = count_macs(model, resolution, in_channels)  # on the CPU, before the model moves
+    step = training_step(model, resolution, in_channels, s)
+    with saved_tensor_bytes(model) as saved:
+        step()
+    for _ in range(max(0, s.warmup - 1)):
+        step()
+    info = {"params": params, "macs": macs, "saved_mb": round(saved["bytes"] / 2**20, 1)}
+    return Run(label, resolution, step, info, rounds=[], cpu_rounds=[])
+
+
+def run_round(run: Run, s: Settings) -> None:
+    """``s.steps`` timed steps of one configuration, alone in memory."""
+    release(s.device)
+    times, cpu_times = [], []
     with peak_memory(s.device) as mem:
-        times = time_training(model, resolution, in_channels, s)
+        for _ in range(s.steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run.step()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    run.rounds.append(times)
+    run.cpu_rounds.append(cpu_times)
+    if mem["peak_mem_mb"] is not None:
+        run.peak_mem_mb = max(run.peak_mem_mb or 0.0, mem["peak_mem_mb"])
+
+
+def round_ips(rounds: List[List[float]], batch_size: int) -> List[float]:
+    """Images per second of each round (its median step), rounded as printed."""
+    return [round(batch_size / statistics.median(times), 2) for times in rounds]
+
+
+def ratio(ours: List[List[float]], theirs: List[List[float]], batch_size: int) -> float:
+    """Median over rounds of ours/theirs images per second within the round."""
+    return round(statistics.median(a / b for a, b in zip(round_ips(ours, batch_size), round_ips(theirs, batch_size))),
+                 3)
+
+
+def result_line(run: Run, s: Settings) -> Dict:
+    """One JSON-ready result line."""
+    times = [t for r in run.rounds for t in r]
     median = statistics.median(times)
     return {
-        "model": label, "resolution": resolution, "images_per_s": round(s.batch_size / median, 2),
+        "model": run.label, "resolution": run.resolution, "images_per_s": round(s.batch_size / median, 2),
+        "images_per_s_rounds": round_ips(run.rounds, s.batch_size),
         "step_ms_median": round(median * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
-        "peak_mem_mb": None if mem["peak_mem_mb"] is None else round(mem["peak_mem_mb"], 1),
+        "images_per_cpu_s": round(s.batch_size / statistics.median(t for r in run.cpu_rounds for t in r), 2),
+        "peak_mem_mb": None if run.peak_mem_mb is None else round(run.peak_mem_mb, 1),
         "mem_kind": "cuda_max_allocated" if s.device.type == "cuda" else "cpu_peak_rss_delta",
-        "params": params, "macs": macs, "batch_size": s.batch_size, "precision": s.precision,
+        **run.info, "batch_size": s.batch_size, "precision": s.precision,
         "channels_last": s.channels_last, "compile": s.compile_mode if s.compile else False, "optimizer": s.optimizer,
-        "steps": s.steps, "warmup": s.warmup, "device": device_name(s.device), "torch": torch.__version__,
+        "steps": s.steps, "warmup": s.warmup, "repeats": s.repeats, "device": device_name(s.device),
+        "torch": torch.__version__,
     }
 
 
@@ -216,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", type=_csv, default=["efficientnet-b0-g16-ln-pn", "efficientnet-b0-g1-bn"],
                    help="comma-separated presets from configs/models/ (file names without .yml)")
+    p.add_argument("--norm-autograd", type=_csv, default=None, metavar="MODES",
+                   help="comma-separated model.norm_autograd values (auto, function, modules) to run every model "
+                        "with; labels get a [mode] suffix. Default: each preset's own")
+    p.add_argument("--reference", default=None, metavar="LABEL",
+                   help="one of our configurations (e.g. efficientnet-b0-g16-gn[function]): every other line gets "
+                        "vs_<LABEL> (images/s ratio), mem_vs_<LABEL> and saved_vs_<LABEL> at the same resolution")
     p.add_argument("--resolutions", type=_resolutions, default=[160, 224], help="comma-separated, e.g. 160,224")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="bf16/fp16: autocast (fp16: + loss scaling)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -232,14 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "avoids oversubscription, which can slow a step tenfold")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the default suits a CPU; use 50+ on a GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds; each times --steps steps of every configuration in turn (interleaved)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        parser.error("--batch-size, --steps and --threads must be >= 1, --warmup >= 0")
+    if (args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0
+            or (args.threads is not None and args.threads < 1)):
+        parser.error("--batch-size, --steps, --repeats and --threads must be >= 1, --warmup >= 0")
+    modes: List[Optional[str]] = list(args.norm_autograd or [None])
+    bad = [m for m in modes if m is not None and m not in NORM_AUTOGRAD_MODES]
+    if bad:
+        parser.error(f"--norm-autograd {bad[0]!r} is not one of {', '.join(NORM_AUTOGRAD_MODES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -252,36 +347,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # same for every model, so the ratios stay fair
     settings = Settings(device, args.precision, args.batch_size, args.channels_last, args.compile, args.compile_mode,
-                        args.optimizer, args.steps, args.warmup)
+                        args.optimizer, args.steps, args.warmup, args.repeats)
     try:
         presets = {name: load_preset(name) for name in args.models}  # every name checked before any timing
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    baseline: Dict[str, float] = {}
+    ours = [(f"{name}[{mode}]" if mode else name,
+             replace(presets[name], norm_autograd=cast(NormAutograd, mode)) if mode else presets[name])
+            for name in args.models for mode in modes]
+    if args.reference is not None and args.reference not in [label for label, _ in ours]:
+        parser.error(f"--reference {args.reference!r} is not one of the configurations: "
+                     f"{', '.join(label for label, _ in ours)}")
+    timm_runs: Dict[str, Run] = {}
     if args.compare_timm:
-        timm_resolutions = sorted(set(args.resolutions) | {args.timm_resolution})
         for name in TIMM_MODELS:
-            for res in timm_resolutions:
+            for res in sorted(set(args.resolutions) | {args.timm_resolution}):
                 torch.manual_seed(0)
-                line = measure(f"timm:{name}", build_timm(name), res, settings)
-                baseline[f"{name}@{res}"] = line["images_per_s"]
-                print(json.dumps(line), flush=True)
-                release(device)
-
-    for name in args.models:
+                timm_runs[f"{name}@{res}"] = prepare(f"timm:{name}", build_timm(name), res, settings)
+    our_runs: Dict[str, Run] = {}
+    for label, cfg in ours:
         for res in args.resolutions:
             torch.manual_seed(0)
-            line = measure(name, build_model(presets[name]), res, settings)
-            if baseline:
-                for timm_name in TIMM_MODELS:
-                    line[f"vs_timm_{timm_name}"] = round(line["images_per_s"] / baseline[f"{timm_name}@{res}"], 3)
-                cross = baseline[f"efficientnet_b0@{args.timm_resolution}"]
-                line[f"vs_timm_efficientnet_b0_{args.timm_resolution}"] = round(line["images_per_s"] / cross, 3)
-            print(json.dumps(line), flush=True)
-            release(device)
+            our_runs[f"{label}@{res}"] = prepare(label, build_model(cfg), res, settings)
+    for _ in range(args.repeats):
+        for run in list(timm_runs.values()) + list(our_runs.values()):
+            run_round(run, settings)
+
+    for run in timm_runs.values():
+        print(json.dumps(result_line(run, settings)), flush=True)
+    for run in our_runs.values():
+        peers = {f"timm_{name}": timm_runs[f"{name}@{run.resolution}"] for name in TIMM_MODELS if timm_runs}
+        if timm_runs:
+            peers[f"timm_efficientnet_b0_{args.timm_resolution}"] = timm_runs[f"efficientnet_b0@{args.timm_resolution}"]
+        ref = our_runs.get(f"{args.reference}@{run.resolution}")
+        print(json.dumps(compared_line(run, peers, (args.reference, ref) if ref is not None else None, settings)),
+              flush=True)
     return 0
+
+
+def compared_line(run: Run, peers: Dict[str, Run], reference: Optional[Tuple[str, Run]], s: Settings) -> Dict:
+    """``run``'s result line with its speed ratios to each peer and, against ``reference`` (label, run) unless
+    that is ``run`` itself, its speed and memory ratios."""
+    line = result_line(run, s)
+    if reference is not None and reference[1] is not run:
+        label, ref = reference
+        peers = {**peers, label: ref}
+        if run.peak_mem_mb and ref.peak_mem_mb:
+            line[f"mem_vs_{label}"] = round(run.peak_mem_mb / ref.peak_mem_mb, 3)
+        if ref.info["saved_mb"]:
+            line[f"saved_vs_{label}"] = round(run.info["saved_mb"] / ref.info["saved_mb"], 3)
+    for name, peer in peers.items():
+        line[f"vs_{name}"] = ratio(run.rounds, peer.rounds, s.batch_size)
+        line[f"cpu_vs_{name}"] = ratio(run.cpu_rounds, peer.cpu_rounds, s.batch_size)
+    return line
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ class ModelConfig:
                 "impossible); auto and off = the PyTorch modules. auto will pick the kernels on CUDA once they "
                 "have passed their tests on a real GPU and won there; so far they have run only in Triton's "
                 "interpreter"})
+    norm_autograd: Literal["auto", "function", "modules"] = field(default="auto", metadata={
+        "help": "the PyTorch path of group/layer norm units: function = one memory-lean autograd Function per norm "
+                "+ affine + swish (+ proxy norm) unit (docs/performance.md); modules = the plain modules, one "
+                "autograd node per op (what the IPU must trace: PopART differentiates the graph itself and never "
+                "runs a custom backward); auto = function, except while PopTorch traces, under torch.compile on "
+                "torch 2.0 (its dynamo cannot trace the Function), or when a unit's norm/activation module has "
+                "forward hooks. BatchNorm units always run as modules."})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

@@ -324,11 +324,15 @@ def make_block(block: BlockConfig, norm: NormSpec, group_dim: int) -> ResidualBl
 
 
 def drop_path(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
-    """Per-sample stochastic depth; survivors are scaled by ``1/survival_prob`` so the expectation is kept."""
+    """Per-sample stochastic depth; survivors are scaled by ``1/survival_prob`` so the expectation is kept.
+
+    The scale goes into the per-sample mask before it meets the activation: one full-size multiply forward and one
+    backward (not a multiply and a divide each), with the same mask and arithmetic as torchvision's and timm's.
+    """
     if not training or survival_prob >= 1.0:
         return x
-    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device) < survival_prob
-    return x * keep.to(x.dtype) / survival_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(survival_prob)
+    return x * mask.div_(survival_prob)
 
 
 class EfficientNet(nn.Module):
@@ -337,7 +341,8 @@ class EfficientNet(nn.Module):
         cfg.validate()
         preset = PRESETS[cfg.name]
         width, _ = width_and_depth(cfg)
-        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, fused_norm=cfg.fused_norm)
+        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, fused_norm=cfg.fused_norm,
+                        norm_autograd=cfg.norm_autograd)
         plan = block_plan(cfg)
         stem_ch = preset.arch.channels(preset.arch.stem_channels, width)
         head_ch = preset.arch.channels(preset.arch.head_channels, width)

@@ -3,17 +3,23 @@
 ``batch`` is the original EfficientNet. ``group`` and ``layer`` (GroupNorm with one group) compute statistics per
 sample, so the result does not depend on the micro-batch — the point on IPUs, whose micro-batches are tiny.
 With ``proxy_norm`` the norm loses its affine and a :class:`ProxyNormActivation` owns gamma/beta instead.
+
+The modules hold the parameters (and so the state-dict keys); how a group/layer-norm unit computes is chosen per
+call: the Triton kernels (``fused_norm``, CUDA), else one memory-lean autograd Function (``norm_autograd``,
+models/norm_act.py, docs/performance.md), else the plain modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fused_norm import fused_norm_act, fused_scale_norm, use_fused
+from .norm_act import NormAutograd, kernel_param, norm_proxy_swish, norm_swish, use_function
 from .proxy_norm import ProxyMode, ProxyNormActivation
 
 NormKind = Literal["batch", "group", "layer"]
@@ -29,6 +35,7 @@ class NormSpec:
     proxy_norm: bool = False
     bn_momentum: float = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
     fused_norm: Literal["auto", "on", "off"] = "auto"  # Triton kernels for group/layer norms: see fused_norm.py
+    norm_autograd: NormAutograd = "auto"  # the PyTorch path of group/layer norms: see norm_act.py
 
     def __post_init__(self) -> None:
         if self.proxy_norm and self.kind == "batch":
@@ -52,10 +59,13 @@ class NormAct(nn.Module):
         self.norm = norm_layer(spec, channels, affine=not spec.proxy_norm)
         self.act: nn.Module = ProxyNormActivation(channels, proxy_mode) if spec.proxy_norm else nn.SiLU()
         self.fused_norm = spec.fused_norm  # chosen per call: the device is only known at forward time
+        self.norm_autograd = spec.norm_autograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.fused_norm, self.norm, x):
             return fused_norm_act(self.norm, self.act, x)
+        if use_function(self.norm_autograd, self.norm, self.act):
+            return self._function(x, deferred=False)
         return self.act(self.norm(x))
 
     def forward_deferred(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -63,8 +73,21 @@ class NormAct(nn.Module):
         if isinstance(self.act, ProxyNormActivation) and self.act.mode == "deferred_scale":
             if use_fused(self.fused_norm, self.norm, x):
                 return fused_norm_act(self.norm, self.act, x, deferred=True)
+            if use_function(self.norm_autograd, self.norm, self.act):
+                return self._function(x, deferred=True)
             return self.act.forward_deferred(self.norm(x))
         return self(x), None
+
+    def _function(self, x: torch.Tensor, deferred: bool) -> Any:
+        """The unit as one autograd Function, on the modules' own parameters (models/norm_act.py)."""
+        norm, act = self.norm, self.act
+        assert isinstance(norm, nn.GroupNorm)  # use_function() chose this path for group/layer norms only
+        if isinstance(act, ProxyNormActivation):
+            # Called as a plain forward, a deferred-scale unit only centres (as ProxyNormActivation.forward does).
+            mode = "deferred_scale" if deferred else ("full" if act.mode == "full" else "center_only")
+            return norm_proxy_swish(x, norm.num_groups, norm.eps, act.weight, act.bias, act.proxy_bias,
+                                    act.proxy_weight, act.quantiles, act.eps, mode)
+        return norm_swish(x, norm.num_groups, norm.eps, norm.weight, norm.bias)
 
 
 class ScaleOnlyNorm(nn.Module):
@@ -79,10 +102,15 @@ class ScaleOnlyNorm(nn.Module):
         self.norm = norm_layer(spec, channels, affine=False)
         self.weight = nn.Parameter(torch.ones(channels))
         self.fused_norm = spec.fused_norm
+        self.norm_autograd = spec.norm_autograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.fused_norm, self.norm, x):
             return fused_scale_norm(self.norm, self.weight, x)
+        if use_function(self.norm_autograd, self.norm):
+            assert isinstance(self.norm, nn.GroupNorm)
+            # group norm's own affine (weight, no bias): one op that saves x only, not the product's two inputs
+            return F.group_norm(x, self.norm.num_groups, kernel_param(self.weight, x), None, self.norm.eps)
         return self.norm(x) * self.weight.to(x.dtype).view(1, -1, 1, 1)
 
 

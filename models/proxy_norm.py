@@ -10,7 +10,8 @@ parameters only — never on the other samples of the batch:
     m_c = E[phi(gamma_c * Y_c + beta_c)],   s_c = (Var[phi(gamma_c * Y_c + beta_c)] + eps_pn) ** -0.5
 
 E and Var are computed by deterministic quadrature on ``num_points`` fixed standard-normal quantiles, in fp32,
-with full autograd through the statistics (they are recomputed every forward, the cost is C x 200 elements).
+and recomputed every forward (the cost is C x 200 elements): here with autograd through the statistics; the fused
+unit of models/norm_act.py calls :func:`proxy_moments_backward`, their gradient written out.
 """
 
 from __future__ import annotations
@@ -30,6 +31,49 @@ def normal_quantiles(num_points: int) -> torch.Tensor:
     return (2.0 ** 0.5) * torch.erfinv(2.0 * p - 1.0)
 
 
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the moments are computed in: fp32, or fp64 for fp64 parameters (so gradcheck sees exact maths)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def proxy_moments(gamma: torch.Tensor, beta: torch.Tensor, proxy_beta: torch.Tensor, proxy_gamma: torch.Tensor,
+                  quantiles: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, s, u)``: the mean and inverse std of ``swish(u)`` over the points ``u = gamma * Y + beta`` of the
+    proxy ``Y = beta~ + (1 + gamma~) q`` at the quantiles ``q``, and ``u`` itself (channels x points).
+
+    ``u = gamma (1 + gamma~) q + (gamma beta~ + beta)`` is one outer product.
+    """
+    acc = accumulation_dtype(gamma)
+    gamma, beta = gamma.to(acc), beta.to(acc)
+    u = torch.addr((gamma * proxy_beta.to(acc) + beta)[:, None], gamma * (1.0 + proxy_gamma.to(acc)),
+                   quantiles.to(acc))
+    activated = F.silu(u)
+    mean = activated.mean(dim=1)
+    var = (activated - mean[:, None]).square().mean(dim=1)
+    return mean, torch.rsqrt(var + eps), u
+
+
+def proxy_moments_backward(dm: torch.Tensor, ds: torch.Tensor, gamma: torch.Tensor, proxy_beta: torch.Tensor,
+                           proxy_gamma: torch.Tensor, quantiles: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+                           u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients w.r.t. gamma, beta, beta~, gamma~ of a loss that sees the moments only, from ``dm = dL/dm``
+    and ``ds = dL/ds`` and :func:`proxy_moments`' ``m, s, u`` (docs/performance.md derives them).
+
+    With N points and ``v = swish(u)``: ``dL/dv = dm / N + dvar * 2 (v - m) / N`` with ``dvar = -ds s^3 / 2`` (the
+    variance's own dependence on m drops out: the deviations sum to zero) and ``du = dL/dv * swish'(u)``. Since
+    ``du/dgamma = Y``, ``du/dbeta = 1``, ``du/dbeta~ = gamma``, ``du/dgamma~ = gamma q``, two sums over the points,
+    ``S0 = sum du`` and ``S1 = sum du q``, give all four: ``(beta~ S0 + (1 + gamma~) S1, S0, gamma S0, gamma S1)``.
+    """
+    n, acc = u.shape[1], u.dtype
+    q = quantiles.to(acc)
+    coef = (-1.0 / n) * ds * s.pow(3)  # 2 dvar / N
+    dv = torch.addcmul((dm / n)[:, None], F.silu(u) - m[:, None], coef[:, None])
+    du = torch.ops.aten.silu_backward(dv, u)
+    s0, s1 = (du @ torch.stack([torch.ones_like(q), q], dim=1)).unbind(1)
+    gamma, pb, pg = gamma.to(acc), proxy_beta.to(acc), proxy_gamma.to(acc)
+    return pb * s0 + (1.0 + pg) * s1, s0, gamma * s0, gamma * s1
+
+
 class ProxyNormActivation(nn.Module):
     """Affine + swish + proxy normalisation, per channel of an NCHW (or NHWC-strided) tensor.
 
@@ -39,6 +83,8 @@ class ProxyNormActivation(nn.Module):
     - ``center_only``: ``phi(.) - m`` and ``s`` is dropped (the head: global pooling + FC follow, so a
       per-channel scale is absorbed by the classifier).
     """
+
+    quantiles: torch.Tensor
 
     def __init__(self, channels: int, mode: ProxyMode = "full", eps: float = 0.03, num_points: int = 200):
         super().__init__()
@@ -54,12 +100,8 @@ class ProxyNormActivation(nn.Module):
 
     def proxy_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean ``m`` and inverse std ``s`` of the activated proxy variable, in fp32."""
-        q = self.quantiles.float()
-        proxy = self.proxy_bias.float()[:, None] + (1.0 + self.proxy_weight.float())[:, None] * q[None, :]
-        activated = F.silu(self.weight.float()[:, None] * proxy + self.bias.float()[:, None])
-        mean = activated.mean(dim=1)
-        var = (activated - mean[:, None]).square().mean(dim=1)
-        return mean, torch.rsqrt(var + self.eps)
+        m, s, _ = proxy_moments(self.weight, self.bias, self.proxy_bias, self.proxy_weight, self.quantiles, self.eps)
+        return m, s
 
     def _centered(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)

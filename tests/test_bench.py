@@ -71,6 +71,25 @@ def test_bf16_channels_last_in_process(capsys: pytest.CaptureFixture) -> None:
     assert lines[1]["macs"] > lines[0]["macs"]  # more pixels, more work
 
 
+def test_interleaved_rounds_norm_paths_and_saved_memory(capsys: pytest.CaptureFixture) -> None:
+    """Every (model, norm path) runs in each round; ratios to the reference come per round; the saved-activation
+    count is exact, so the proxy-norm modules' extra saved tensors show against the Function's."""
+    ref = "efficientnet-b0-g16-gn[function]"
+    argv = TINY + ["--models", "efficientnet-b0-g16-gn,efficientnet-b0-g16-ln-pn", "--norm-autograd",
+                   "function,modules", "--reference", ref, "--repeats", "2", "--steps", "1"]
+    assert main(argv) == 0
+    lines = {line["model"]: line for line in parse(capsys.readouterr().out)}
+    assert list(lines) == ["efficientnet-b0-g16-gn[function]", "efficientnet-b0-g16-gn[modules]",
+                           "efficientnet-b0-g16-ln-pn[function]", "efficientnet-b0-g16-ln-pn[modules]"]
+    for label, line in lines.items():
+        check_line(line, label, 64)
+        assert len(line["images_per_s_rounds"]) == 2 and line["images_per_cpu_s"] > 0 and line["saved_mb"] > 0
+        assert (f"vs_{ref}" in line) == (label != ref)
+    pn, pn_modules = lines["efficientnet-b0-g16-ln-pn[function]"], lines["efficientnet-b0-g16-ln-pn[modules]"]
+    assert pn_modules["saved_mb"] > 1.3 * pn["saved_mb"]
+    assert pn[f"saved_vs_{ref}"] == round(pn["saved_mb"] / lines[ref]["saved_mb"], 3)
+
+
 def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["--device", "cpu", "--models", "efficientnet-b9-g16"]) == 2
     err = capsys.readouterr().err
@@ -82,6 +101,9 @@ def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     (["--resolutions", "160,x"], "not a comma-separated list of integers"),
     (["--steps", "0"], "must be >= 1"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
+    (["--norm-autograd", "fast"], "--norm-autograd 'fast' is not one of auto, function, modules"),
+    (["--models", "efficientnet-b0-g16-gn", "--reference", "efficientnet-b0-g1-bn"],
+     "--reference 'efficientnet-b0-g1-bn' is not one of the configurations: efficientnet-b0-g16-gn"),
 ])
 def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture, argv: List[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:

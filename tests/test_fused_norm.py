@@ -224,7 +224,8 @@ def stability(device: str) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 def _pn_unit(mode: str = "auto", proxy_mode: str = "full") -> NormAct:
-    unit = NormAct(NormSpec("layer", proxy_norm=True, fused_norm=mode), 12, proxy_mode=proxy_mode)
+    unit = NormAct(NormSpec("layer", proxy_norm=True, fused_norm=mode, norm_autograd="modules"), 12,
+                   proxy_mode=proxy_mode)
     _randomise(unit, 0)
     return unit
 
@@ -239,7 +240,7 @@ def test_auto_falls_back_on_cpu_and_the_pytorch_path_is_unchanged(monkeypatch):
     out, scale = deferred.forward_deferred(x)
     ref_out, ref_scale = deferred.act.forward_deferred(deferred.norm(x))
     assert torch.equal(out, ref_out) and torch.equal(scale, ref_scale)
-    scale_only = ScaleOnlyNorm(NormSpec("group", proxy_norm=True), 12)
+    scale_only = ScaleOnlyNorm(NormSpec("group", proxy_norm=True, norm_autograd="modules"), 12)
     assert torch.equal(scale_only(x), scale_only.norm(x) * scale_only.weight.view(1, -1, 1, 1))
 
 

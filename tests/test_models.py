@@ -29,6 +29,26 @@ def test_original_param_count_equals_torchvision(b):
     assert n_params(ours) == n_params(theirs)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_original_b0_equals_torchvision_bit_for_bit(training):
+    """B0-G1-BN with torchvision's BN epsilon and its weights, by state-dict order: the same logits to the bit,
+    in eval mode and in training mode (batch statistics, and the same drop-path masks and dropout from the same
+    seed: stochastic depth draws and scales its per-sample mask as torchvision does)."""
+    ours = build_model(ModelConfig(norm_eps=1e-5))
+    theirs = torchvision.models.efficientnet_b0(weights=None)
+    pairs = list(zip(ours.state_dict(), theirs.state_dict().values()))
+    assert len(pairs) == len(theirs.state_dict()) and all(ours.state_dict()[k].shape == v.shape for k, v in pairs)
+    ours.load_state_dict(dict(pairs))
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(1)
+    a = ours(x)
+    torch.manual_seed(1)
+    b = theirs(x)
+    assert torch.equal(a, b)
+
+
 def test_g16_b0_params_and_macs_match_the_paper():
     g16 = build_model(ModelConfig(group_dim=16, expand_ratio=4))
     assert n_params(g16) == pytest.approx(5.91e6, rel=0.01)

@@ -95,3 +95,22 @@ def test_statistics_stay_fp32_under_bf16_input():
     mean, inv_std = pn.proxy_stats()
     assert mean.dtype == inv_std.dtype == torch.float32
     assert not math.isnan(out.float().sum().item())
+
+
+def test_autograd_function_matches_reference_in_float64():
+    """The fused Function (models/norm_act.py) against the same independent reference, after an affine-free
+    layer norm: output and every gradient (it computes the proxy moments in float64 for float64 parameters)."""
+    from models.norm_act import norm_proxy_swish
+
+    torch.manual_seed(4)
+    c = 6
+    x = torch.randn(3, c, 5, 4, dtype=torch.float64, requires_grad=True)
+    params = [(0.3 * torch.randn(c, dtype=torch.float64) + base).requires_grad_() for base in (1, 0, 0, 0)]
+    ours = norm_proxy_swish(x, 1, 1e-3, *params, normal_quantiles(200), 0.03, "full")
+    normed = torch.nn.functional.group_norm(x, 1, eps=1e-3)
+    theirs = reference(normed, *params)
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    upstream = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad((ours * upstream).sum(), [x, *params]),
+                    torch.autograd.grad((theirs * upstream).sum(), [x, *params])):
+        assert torch.allclose(a, b, atol=1e-9)
