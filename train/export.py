@@ -34,7 +34,7 @@ from torch import nn
 from data import DataConfig, build_dataset, build_transform
 from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import resolve_phase
+from ipu_options.plan import IpuPhasePlan, resolve_phase
 from models import EfficientNet
 from models.inference import EvalPreprocessing, ExportError, ImageClassifier, inference_form, save_exported
 
@@ -207,24 +207,40 @@ def verify_onnx(path: Path, trained: Trained, images: torch.Tensor, input_kind: 
             "onnxruntime": ort.__version__}
 
 
+@dataclass
+class IpuInference:
+    """An inference executor of the folded network with a recipe's validation options, and one host call's
+    inputs (micro-batch x device iterations x replicas uint8 images)."""
+
+    executor: Any
+    images: torch.Tensor
+    plan: IpuPhasePlan
+
+
+def ipu_inference(cfg: Config, phase: Phase, network: EfficientNet, resolution: int) -> IpuInference:
+    """``poptorch.inferenceModel`` of ``network``'s inference form with the phase's validation options (pipeline,
+    replicas, precision, device iterations) for an offline IPU target: compiling needs PopTorch, not an IPU."""
+    poptorch = import_poptorch()
+    plan = resolve_phase(cfg, phase)
+    options = build_options(poptorch, plan, training=False, offline=True)
+    folded = inference_form(network)
+    dtype = prepare_precision(folded, plan.precision, plan.settings.norm_precision)
+    annotate_pipeline(folded, plan.stages, poptorch)
+    model = ImageClassifier(folded, eval_preprocessing(cfg.data, resolution), dtype).eval()
+    images = torch.zeros(plan.eval_samples_per_call, cfg.model.in_channels, resolution, resolution,
+                         dtype=torch.uint8)
+    return IpuInference(poptorch.inferenceModel(model, options=options), images, plan)
+
+
 def export_popef(trained: Trained, out: Path, resolution: int) -> Dict[str, Any]:
     """Compile the inference form with the recipe's validation options for an offline IPU and export it."""
-    poptorch = import_poptorch()
-    cfg = trained.cfg
-    plan = resolve_phase(cfg, checkpoint_phase(cfg, trained.phase))
-    options = build_options(poptorch, plan, training=False, offline=True)
-    network = inference_form(trained.network)
-    dtype = prepare_precision(network, plan.precision, plan.settings.norm_precision)
-    annotate_pipeline(network, plan.stages, poptorch)
-    model = ImageClassifier(network, eval_preprocessing(cfg.data, resolution), dtype).eval()
-    executor = poptorch.inferenceModel(model, options=options)
-    batch = plan.eval_samples_per_call  # micro-batch x device iterations x replicas: one host call
-    images = torch.zeros(batch, cfg.model.in_channels, resolution, resolution, dtype=torch.uint8)
+    ipu = ipu_inference(trained.cfg, checkpoint_phase(trained.cfg, trained.phase), trained.network, resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
     # export_model=False: the file holds the executable and PopTorch's input description, not a pickle of the
     # network (docs/inference.md).
-    executor.compileAndExport(str(out), images, export_model=False)
-    return {"format": "popef", "out": str(out), "resolution": resolution, "batch_per_call": batch,
+    ipu.executor.compileAndExport(str(out), ipu.images, export_model=False)
+    plan = ipu.plan
+    return {"format": "popef", "out": str(out), "resolution": resolution, "batch_per_call": len(ipu.images),
             "micro_batch_size": plan.eval_micro_batch_size, "device_iterations": plan.eval_device_iterations,
             "replicas": plan.local_replicas, "ipus_per_replica": plan.ipus_per_replica, "precision": plan.precision,
             **trained.info}
