@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bench.throughput import DTYPES, build_timm, device_name, load_preset, preset_names
+from bench.throughput import DTYPES, _csv, build_timm, device_name, load_preset, preset_names
 from models import EfficientNet, ModelConfig, inference_form
 from train.cli import run_guarded
 from train.config import ConfigError, load_config
@@ -165,18 +165,11 @@ def compile_ipu(recipe: str, overrides: List[str], resolution: Optional[int]) ->
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _csv(text: str) -> List[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> List[int]:
-    try:
-        values = [int(x) for x in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: need at least one value, each >= 1")
-    return values
+def _batch_sizes(text: str) -> List[int]:
+    items = _csv(text)
+    if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes >= 1")
+    return [int(x) for x in items]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated presets from configs/models/ (e.g. {', '.join(preset_names()[:2])})")
     p.add_argument("--engines", type=_csv, default=list(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 64, 256],
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64, 256],
                    help="1 measures latency, larger ones throughput")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="bf16/fp16: autocast (CUDA)")
     p.add_argument("--compare-timm", action="store_true", help=f"also run timm's {' and '.join(TIMM_MODELS)}")

@@ -50,7 +50,8 @@ def checkpoint(shared_cifar_tarball, tmp_path_factory) -> Path:
 
 
 def last_json(capsys) -> dict:
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    """The command's last JSON line; every line on stdout must be one (tools parse it)."""
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()][-1]
 
 
 # ------------------------------------------------------------------------------------------------ safetensors

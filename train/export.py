@@ -18,6 +18,7 @@ average, the EMA or the raw weights) and what is needed to use them (docs/infere
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -170,7 +171,8 @@ def export_onnx(trained: Trained, out: Path, names: List[str], resolution: int, 
     # is ``dynamo=False`` (the default became the torch.export-based exporter in torch 2.9).
     extra: Dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    # torch 2.0.1's exporter prints a diagnostics summary to stdout, which holds this command's JSON lines.
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         # Chosen on purpose (above), and what tracing says about shape checks it freezes, are not the user's to fix.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
