@@ -253,6 +253,8 @@ def _norm(norm: nn.Module, conv: nn.Conv2d, weight: Optional[torch.Tensor] = Non
     """The inference norm after ``conv``: BatchNorm folds into ``conv`` (Identity); GroupNorm stays, with
     ``weight``/``bias`` as its affine when given (proxy norm's, a scale-only norm's), else its own."""
     if isinstance(norm, nn.BatchNorm2d):
+        if weight is not None or bias is not None:  # proxy norm needs a batch-independent norm (models/norms.py)
+            raise TypeError("no inference form for a BatchNorm under an outside affine")
         _fold_batch_norm(conv, norm)
         return nn.Identity()
     if not isinstance(norm, nn.GroupNorm):
