@@ -38,6 +38,14 @@ class DataConfig:
     crop_ratio: Tuple[float, float] = field(
         default=(0.75, 1.3333), metadata={"help": "Inception crop: aspect-ratio range"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips in training"})
+    eval_crop_pct: float = field(
+        default=0.875, metadata={"min": 0.0, "max": 1.0,
+                                 "help": "eval transform: resize the shorter side to floor(S / eval_crop_pct), then "
+                                         "keep the centre S x S (0.875 = torchvision's 256 -> 224; timm's "
+                                         "crop_pct; 1.0 = no margin)"})
+    interpolation: Literal["bilinear", "bicubic"] = field(
+        default="bilinear", metadata={"help": "eval transform's resize filter (validation, fine-tune with eval "
+                                              "preprocessing, predict, export); training crops stay bilinear"})
     randaugment: Optional[float] = field(
         default=None, metadata={"min": 0.0, "max": 30.0,
                                 "help": "RandAugment magnitude (2 ops) in training; null = off (the paper uses none)"})
@@ -64,6 +72,8 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"data.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        if self.eval_crop_pct <= 0.0:
+            raise ValueError(f"data.eval_crop_pct: {self.eval_crop_pct} must be above 0 (at most 1)")
         low, high = self.crop_ratio
         if not 0.0 < low <= high:
             raise ValueError(f"data.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max")

@@ -104,13 +104,14 @@ def can_decode_scaled(image: Image.Image) -> bool:
 
 
 def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_box: bool,
-                    fused: bool = True) -> Image.Image:
+                    fused: bool = True, resample: int = Image.Resampling.BILINEAR) -> Image.Image:
     """``box`` of the (not yet decoded) ``image`` resized to ``resolution`` x ``resolution``, as RGB.
 
     ``clip_to_box``: the resize filter sees only the box (torchvision's crop-then-resize, the training crop);
     otherwise it may reach past the box edges like a resize of the whole image followed by a crop (the eval
-    transform). With ``fused`` and a plain JPEG, the decode runs at :func:`dct_scale`; at scale 1, or on the
-    plain path, the pixels are exactly torchvision's.
+    transform). ``resample`` is Pillow's filter (bilinear, or bicubic for the eval transform). With ``fused`` and a
+    plain JPEG, the decode runs at :func:`dct_scale`, which only ever leaves a downscale for the filter; at scale
+    1, or on the plain path, the pixels are exactly torchvision's.
     """
     factor = 1.0
     if fused and can_decode_scaled(image):
@@ -128,7 +129,7 @@ def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_bo
                  min(math.ceil(region[3]), image.height))
         image = image.crop(whole)
         region = (region[0] - whole[0], region[1] - whole[1], region[2] - whole[0], region[3] - whole[1])
-    return to_rgb(image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=region))
+    return to_rgb(image.resize((resolution, resolution), resample, box=region))
 
 
 def _decode_with_pillow(image: Image.Image, scale: int) -> float:

@@ -2,13 +2,15 @@
 model does that on the device, so the host ships 8-bit images (4x less IO than float32, as in Graphcore's recipe).
 
 ``train``: Inception crop (torchvision's ``RandomResizedCrop`` distribution) + flip (+ RandAugment); ``eval``:
-resize the shorter side to S·256/224 and keep the centre S x S. Both decode JPEGs at the coarsest DCT scale the
-crop allows (see :mod:`data.decode` and docs/data.md).
+resize the shorter side to floor(S / crop_pct) (``data.eval_crop_pct``, 0.875 = 256/224) with
+``data.interpolation`` and keep the centre S x S. Both decode JPEGs at the coarsest DCT scale the crop allows (see
+:mod:`data.decode` and docs/data.md).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -23,7 +25,14 @@ from data.errors import DataError
 from data.seeding import derive_seed, torch_rng_seeded
 
 PreprocessingKind = Literal["train", "eval"]
-EVAL_RESIZE = 256 / 224  # the eval transform resizes the shorter side to S * 256/224 before its centre crop
+#: ``data.interpolation`` -> Pillow's filter (the eval resize; torchvision's and timm's names).
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def eval_resize(resolution: int, crop_pct: float) -> int:
+    """The shorter side before the eval centre crop: ``floor(S / crop_pct)`` as timm computes it (224 at 0.875:
+    256, torchvision's ``Resize(256)``)."""
+    return math.floor(resolution / crop_pct)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -48,6 +57,8 @@ class Preprocessing:
     hflip: bool = True
     randaugment: int = 0  # magnitude (of 30 bins) for 2 ops; 0 = off
     fused_decode: bool = True
+    crop_pct: float = 0.875  # eval: centre crop share of the resized shorter side
+    interpolation: str = "bilinear"  # eval: the resize filter (a key of RESAMPLE)
 
     def draws(self, seed: Optional[int]) -> random.Random:
         """The sample's random stream: from its key's seed, or (plain int indexing) from the ambient torch RNG
@@ -60,12 +71,15 @@ class Preprocessing:
         """The source region the output shows: a random Inception crop, or the eval transform's centre."""
         if self.kind == "train":
             return random_resized_crop_box(draws, width, height, self.crop_scale, self.crop_ratio)
-        return resize_then_center_crop_box(width, height, int(self.resolution * EVAL_RESIZE), self.resolution)
+        return resize_then_center_crop_box(width, height, eval_resize(self.resolution, self.crop_pct),
+                                           self.resolution)
 
     def region(self, image: Image.Image, draws: random.Random) -> Image.Image:
         """Decode ``image`` and cut the S x S RGB region; where corrupt files fail (a ``DECODE_ERRORS``)."""
+        train = self.kind == "train"
         return crop_and_resize(image, self.box(image.width, image.height, draws), self.resolution,
-                               clip_to_box=self.kind == "train", fused=self.fused_decode)
+                               clip_to_box=train, fused=self.fused_decode,
+                               resample=RESAMPLE["bilinear" if train else self.interpolation])
 
     def finish(self, region: Image.Image, draws: random.Random, seed: Optional[int]) -> torch.Tensor:
         """Flip and RandAugment (training only), then the tensor."""
@@ -100,4 +114,4 @@ def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: Data
     return Preprocessing(preprocessing, resolution, crop_scale=tuple(cfg.crop_scale),  # type: ignore[arg-type]
                          crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,  # type: ignore[arg-type]
                          randaugment=int(round(magnitude)) if magnitude and preprocessing == "train" else 0,
-                         fused_decode=cfg.fused_decode)
+                         fused_decode=cfg.fused_decode, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation)

@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .efficientnet import EfficientNet, native_resolution, split_points, train_resolution
+from .inference import ExportedModel, ExportError, inference_form, load_exported
 from .norms import NORM_MODULES
 
 
@@ -26,4 +27,4 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 
 __all__ = ["ModelConfig", "build_model", "param_groups", "split_points", "native_resolution", "train_resolution",
-           "EfficientNet"]
+           "EfficientNet", "ExportError", "ExportedModel", "inference_form", "load_exported"]

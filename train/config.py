@@ -220,6 +220,9 @@ class CheckpointConfig:
     every_epochs: int = field(default=1, metadata={"min": 1, "help": "save at the end of every N epochs"})
     every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also save every N optimizer steps"})
     keep: int = field(default=2, metadata={"min": 1, "help": "newest step checkpoints kept (phase ends are kept)"})
+    keep_best: bool = field(default=False, metadata={
+        "help": "after each validation, copy the checkpoint it scored to checkpoints/<phase>-best.pt when its top-1 "
+                "(trained weights, the phase's first validation resolution) is the phase's best so far"})
     optimizer_state: bool = field(default=True, metadata={
         "help": "IPU: checkpoints must hold the device's optimizer state, so --resume continues it exactly; false "
                 "lets the IPU backend drop PopART's optimizer-state streams in phases that do not validate before "

@@ -2,9 +2,11 @@
 
 The JSON-lines file is the record of truth: it needs nothing but the disk, and every plot or test can read it.
 W&B is a dashboard on top, never a dependency of training: a failure to import, start or log warns once and the
-run goes on without it. The default mode, ``auto``, only goes online when an API key is configured, so a fresh
-checkout never waits on the network; offline runs live in ``<run folder>/wandb/`` and upload later with
-``wandb sync``. A resumed run reuses the W&B id saved in its checkpoint, so its history continues in the same run.
+run goes on without it. At the end of a run each phase's final (and, with ``checkpoint.keep_best``, best)
+checkpoint is logged as a ``model`` artifact. The default mode, ``auto``, only goes online when an API key is
+configured, so a fresh checkout never waits on the network; offline runs live in ``<run folder>/wandb/`` and upload
+later with ``wandb sync``. A resumed run reuses the W&B id saved in its checkpoint, so its history continues in
+the same run.
 
 Only one process per job logs (rank 0, IPU instance 0); the others build a logger with ``enabled=False``, which
 writes nothing and shows no bar, so the training loop needs no ``if rank == 0`` of its own.
@@ -15,12 +17,13 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Type, Union
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -39,6 +42,8 @@ class ProgressBar(tqdm):
         super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
 
 
+#: What W&B refuses in an artifact name (it allows letters, digits, '-', '_' and '.').
+ARTIFACT_NAME = re.compile(r"[^A-Za-z0-9._-]")
 #: Keys every metrics line owns; a metric with one of these names would silently overwrite it.
 RESERVED_KEYS = ("step", "time", "kind")
 
@@ -177,6 +182,21 @@ class RunLogger:
                 self._run.summary.update(values)
             except Exception as err:  # noqa: BLE001
                 self._drop_wandb("summary", err)
+
+    def log_artifact(self, path: Path, name: str, kind: str, aliases: Sequence[str],
+                     metadata: Mapping[str, Metric]) -> None:
+        """``path`` as a version of the W&B artifact ``name`` (``kind``: e.g. ``model``) with ``aliases``. Offline, the
+        artifact is recorded in the run's local files with a staged copy of ``path``; ``wandb sync`` uploads it."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(ARTIFACT_NAME.sub("-", name), type=kind, metadata=dict(metadata))
+            artifact.add_file(str(path))
+            self._run.log_artifact(artifact, aliases=list(aliases))
+        except Exception as err:  # noqa: BLE001
+            self._drop_wandb("artifact", err)
 
     def progress(self, iterable: Iterable, total: int, desc: str) -> ProgressBar:
         """A bar on stderr; redrawn at most twice a second on a terminal, twice a minute in a log file."""

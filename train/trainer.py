@@ -198,6 +198,7 @@ class Trainer:
                     position, state = Position(phase=index), None
                 self.run_phase(self.phases[index], position, state)
             self.logger.summary(self.results)
+            self._log_weights()
         return self.results
 
     def _prepare_run_dir(self) -> None:
@@ -404,11 +405,41 @@ class Trainer:
         if current is not None:
             backend.set_weights(current)
         self.logger.log(metrics, step=self._global_step(pos))
+        self._keep_best(phase, backend, metrics)
         if final:
             self.results.update({f"{phase.name}/{k}": v for k, v in metrics.items() if k.startswith("val/")})
             if self.is_main:
                 shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/") and "/loss" not in k}
                 print(json.dumps({"phase": phase.name, **shown}), flush=True)
+
+    def _keep_best(self, phase: Phase, backend: Backend, metrics: Dict[str, Any]) -> None:
+        """``checkpoint.keep_best``: the checkpoint written before this validation becomes ``<phase>-best.pt`` when
+        its top-1 beats the phase's best so far (kept in the results, so a resume knows it)."""
+        key = f"val/top1@{phase.val_resolutions[0]}"
+        best = f"{phase.name}/best/{key}"
+        if not self.cfg.checkpoint.keep_best or self.last_checkpoint is None:
+            return
+        if metrics[key] <= self.results.get(best, -1.0):
+            return
+        self.results.update({best: metrics[key], f"{phase.name}/best/phase_step": metrics["phase_step"]})
+        error = ""
+        if self.is_main:
+            try:
+                save_checkpoint(load_checkpoint(self.last_checkpoint), self.ckpt_dir / best_checkpoint_name(phase.name))
+            except StorageError as err:
+                error = str(err)
+        if backend.any_process(bool(error)):
+            raise StorageError(error or "process 0 could not write the best checkpoint; see its error")
+
+    def _log_weights(self) -> None:
+        """Each phase's final and best checkpoint as versions of one W&B ``model`` artifact per phase."""
+        for phase in self.phases:
+            scores = {k: v for k, v in self.results.items() if k.startswith(f"{phase.name}/")}
+            for alias, name in (("final", final_checkpoint_name(phase.name)),
+                                ("best", best_checkpoint_name(phase.name))):
+                if (self.ckpt_dir / name).is_file():
+                    self.logger.log_artifact(self.ckpt_dir / name, f"{self.cfg.name}-{phase.name}", "model", [alias],
+                                             {"checkpoint": name, **scores})
 
     def _save(self, phase: Phase, pos: Position, backend: Backend, averages: Dict[str, WeightAverage],
               name: str, before_validation: bool = False) -> None:
@@ -457,6 +488,11 @@ def checkpoint_run_dir(path: Path) -> Path:
 def list_run_dirs(cfg: Config) -> List[Path]:
     root = Path(cfg.logging.run_dir)
     return sorted(root.glob(f"{cfg.name}-*")) if root.is_dir() else []
+
+
+def best_checkpoint_name(phase: str) -> str:
+    """Where ``checkpoint.keep_best`` keeps a phase's best checkpoint (not a resume candidate before the others)."""
+    return f"{phase}-best.pt"
 
 
 def start_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:

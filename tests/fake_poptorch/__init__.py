@@ -52,6 +52,13 @@ Optimizers (``python/optim.py``)
     host's copy as it was at compile time, and re-attaching a detached model restarts the device's state (a
     deduction: the state cannot survive the other executable that used the IPUs in between).
 
+Exporting (``python/_poplar_executor.py``)
+  - ``compileAndExport(filename, *args, export_model=True, **kwargs)`` is ``compile(*args)`` then
+    ``save(filename, export_model)``; ``save`` needs a compiled model, creates the destination folder, and a folder
+    as ``filename`` gets ``model.poptorch`` inside it. The fake writes a JSON description (inputs, options,
+    whether the model was pickled in) where PopTorch writes the PopEF executable and its pickled metadata;
+    keyword inputs are not modelled.
+
 Data (``python/_dataloader.py``)
   - ``DataLoader``: combined batch = micro x device iterations x (replicas // input group) x accumulation;
     ``AsyncRebatched`` needs ``rebatched_worker_size`` <= the combined batch; an asynchronous loader cannot be
@@ -74,6 +81,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import json
 import math
 import os
 import sys
@@ -102,6 +110,7 @@ class State:
         self.hvd: Dict[str, Any] = {"initialised": False, "broadcast_parameters": 0, "broadcasts": [],
                                     "allreduces": 0}
         self.dataloaders: List["DataLoader"] = []
+        self.exports: List[str] = []  # files written by PoplarExecutor.save
 
 
 STATE = State()
@@ -540,6 +549,7 @@ class PoplarExecutor:
         self.calls = 0
         self.set_optimizer_calls = 0
         self.compile_shapes: Optional[List[torch.Size]] = None
+        self.compile_dtypes: List[torch.dtype] = []
         if training:
             if getattr(model, "_fake_wrapped", False):
                 raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
@@ -608,6 +618,7 @@ class PoplarExecutor:
             raise PoptorchError(f"deviceIterations ({o.device_iterations}) must be >= the number of pipeline "
                                 f"stages ({stages}) for inference")
         self.compile_shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+        self.compile_dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
         self._compiled = True
         if self._training:
             self._optimizer._compiled_by(self)
@@ -643,6 +654,37 @@ class PoplarExecutor:
         if self._training:
             object.__setattr__(self._user_model, "_fake_wrapped", False)
 
+    # --- export
+    def save(self, filename: str, export_model: bool = True, save_rng_state: bool = True) -> None:
+        if not self._compiled:
+            raise PoptorchError("Model has not been compiled or has been destroyed.")
+        assert isinstance(export_model, bool) and isinstance(save_rng_state, bool)
+        folder = os.path.dirname(filename)
+        if folder:
+            if os.path.exists(folder):
+                assert os.path.isdir(folder), f"Destination folder {folder} is not a directory"
+            else:
+                os.makedirs(folder)
+        if os.path.isdir(filename):
+            filename = os.path.join(filename, "model.poptorch")
+        o = self._options
+        record = {"fake_popef": True, "training": self._training, "export_model": export_model,
+                  "inputs": [[list(s), str(d)] for s, d in zip(self.compile_shapes or [], self.compile_dtypes,
+                                                               strict=True)],
+                  "options": {"device_iterations": o.device_iterations, "replication_factor": o.replication_factor,
+                              "gradient_accumulation": o.Training.gradient_accumulation,
+                              "output_mode": o.output_mode, "connection_type": o.connection_type,
+                              "popart": {k: v for k, v in o._Popart.options.items()}}}
+        with open(filename, "w") as f:
+            json.dump(record, f)
+        STATE.exports.append(filename)
+
+    def compileAndExport(self, filename: str, *args, export_model: bool = True, **kwargs) -> None:
+        if kwargs:
+            raise PoptorchError("the fake does not model keyword inputs to compileAndExport")
+        self.compile(*args)
+        self.save(filename, export_model)
+
     # --- weights and optimizer
     def copyWeightsToHostIfNeeded(self) -> bool:
         return self._compiled and self._attached
@@ -657,9 +699,12 @@ class PoplarExecutor:
         self.set_optimizer_calls += 1
 
     # --- running
-    def _check_inputs(self, args) -> None:
+    def _batch_factor(self) -> int:
         o = self._options
-        per_call = o.device_iterations * (o.replication_factor // o.input_group_size) * o.Training.gradient_accumulation
+        return o.device_iterations * (o.replication_factor // o.input_group_size) * o.Training.gradient_accumulation
+
+    def _check_inputs(self, args) -> None:
+        per_call = self._batch_factor()
         for a in args:
             if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] % per_call):
                 raise PoptorchError(f"Invalid batch dimension: {tuple(a.shape)} is not divisible by device "
