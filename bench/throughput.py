@@ -19,9 +19,9 @@ for the backward during one training forward (parameters excluded): the activati
 peak, exact and the same on every device, where the CPU's resident set also holds allocator caches.
 
 ``--compare-timm`` also runs timm's ``efficientnet_b0`` and ``efficientnet_b0_gn`` in the same process at the same
-settings (always including ``--timm-resolution``, by default their native 224) and adds to our lines the ratio of our images/s to
-theirs: at the same resolution, and against ``efficientnet_b0`` at 224 -- the paper compares ours at 160 with the
-baseline at 224, since G16 + 160 px reaches the baseline's accuracy. timm is a benchmark-only extra
+settings (always including ``--timm-resolution``, by default their native 224) and adds to our lines the ratio of
+our images/s to theirs: at the same resolution, and against ``efficientnet_b0`` at 224 -- the paper compares ours at
+160 with the baseline at 224, since G16 + 160 px reaches the baseline's accuracy. timm is a benchmark-only extra
 (requirements-bench.txt).
 """
 
@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of our configurations (e.g. efficientnet-b0-g16-gn[function]): every other line gets "
                         "vs_<LABEL> (images/s ratio), mem_vs_<LABEL> and saved_vs_<LABEL> at the same resolution")
     p.add_argument("--resolutions", type=_resolutions, default=[160, 224], help="comma-separated, e.g. 160,224")
-    p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="bf16/fp16: autocast (fp16: + loss scaling)")
+    p.add_argument("--precision", choices=list(DTYPES), default="fp32",
+                   help="bf16/fp16: autocast (fp16: + loss scaling)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--channels-last", action="store_true", help="NHWC model and input")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps: raise --warmup)")

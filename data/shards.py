@@ -114,7 +114,8 @@ class ShardDataset(EncodedImageDataset):
         labels = np.concatenate([np.asarray(shard["labels"], dtype=np.int64) for shard in shards])
         classes = list(index["classes"])
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DataError(f"shards data set: {os.path.join(root, INDEX_FILE)} has labels outside 0..{len(classes) - 1}")
+            raise DataError(f"shards data set: {os.path.join(root, INDEX_FILE)} has labels outside "
+                            f"0..{len(classes) - 1}")
         super().__init__(classes, labels, transform, skip_corrupt, source=f"{root} ({split}, {len(shards)} shards)")
 
     def shard_of_positions(self) -> np.ndarray:

@@ -23,13 +23,12 @@ from torch import nn
 from .config import ModelConfig
 from .norms import NormAct, NormSpec, projection_norm
 
-
 BlockType = Literal["mbconv", "fused"]
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One row of a block table (paper-notes §1.1 for V1; EfficientNetV2 Table 4 for V2)."""
+    """One row of a block table (docs/paper.md, "Block table and compound scaling" for V1, "EfficientNetV2" for V2)."""
 
     expand_ratio: int
     kernel: int
@@ -130,9 +129,9 @@ V2_L = Architecture(V2_L_STAGES, stem_channels=32, round_limit=0.0)
 class Preset:
     """A named model: its architecture, compound-scaling coefficients, train and eval resolutions, dropout.
 
-    V1 trains at its eval resolution (paper-notes §1.2). V2 trains smaller than it evaluates (paper-notes §5.1;
-    B0-B3 as timm's ``tf_efficientnetv2_b*`` ``input_size``/``test_input_size``); S/M/L are separate tables, not
-    scaled versions of one.
+    V1 trains at its eval resolution (docs/paper.md, "Block table and compound scaling"). V2 trains smaller than it
+    evaluates (docs/paper.md, "EfficientNetV2"; B0-B3 as timm's ``tf_efficientnetv2_b*``
+    ``input_size``/``test_input_size``); S/M/L are separate tables, not scaled versions of one.
     """
 
     arch: Architecture
@@ -219,8 +218,9 @@ def block_plan(cfg: ModelConfig) -> List[List[BlockConfig]]:
     plan: List[List[BlockConfig]] = []
     in_ch, index = arch.channels(arch.stem_channels, width), 0
     for s in stage_rows:
-        keep = s.block == "fused" or s.expand_ratio == 1 or cfg.expand_ratio is None
-        expand = s.expand_ratio if keep else cfg.expand_ratio
+        # The config's expand ratio replaces the table's, except in fused stages and stages that do not expand.
+        expand = (cfg.expand_ratio if cfg.expand_ratio is not None and s.block != "fused" and s.expand_ratio != 1
+                  else s.expand_ratio)
         stage = []
         for i in range(s.repeats):
             # Stochastic depth: survival falls linearly from 1 to ``survival_prob`` over the blocks.
@@ -385,8 +385,10 @@ def init_weights(model: nn.Module) -> None:
 def split_points(model: nn.Module) -> List[str]:
     """Names a pipeline stage may start at, in execution order."""
     names = ["stem"]
-    for s, stage in enumerate(model.blocks):
-        names += [f"blocks.{s}.{i}" for i in range(len(stage))]
+    blocks = model.get_submodule("blocks")
+    assert isinstance(blocks, nn.ModuleList), "not an EfficientNet: no block list"
+    for s, stage in enumerate(blocks):
+        names += [f"blocks.{s}.{i}" for i, _ in enumerate(stage.children())]
     return names + ["head", "classifier"]
 
 

@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple, overload
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .proxy_norm import ProxyNormActivation
 
 FUSED_MODES = ("auto", "on", "off")
 MIN_TRITON = (3, 0)
@@ -68,8 +70,8 @@ try:  # guarded: the SDK 3.4 env has no usable Triton, CPU-only installs may hav
 
     _TRITON_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+    triton = None
+    tl = None
     _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 
@@ -557,7 +559,7 @@ class _FusedGroupNormAct(torch.autograd.Function):
     """out = ((silu?)(gamma * groupnorm(x) + beta) - m) * s, every piece optional but the norm."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, s, groups: int, eps: float, act: bool):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, m, s, groups: int, eps: float, act: bool):
         x, y, mean, rstd = _fused_forward(x, weight, bias, m, s, groups, eps, act)
         ctx.save_for_backward(x, weight, bias, m, s, mean, rstd)
         ctx.groups, ctx.act = groups, act
@@ -565,7 +567,7 @@ class _FusedGroupNormAct(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, weight, bias, m, s, mean, rstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:5])
         dx, dw, db, dm, ds = _fused_backward(grad, x, weight, bias, m, s, mean, rstd, ctx.groups, ctx.act, needs)
@@ -595,6 +597,12 @@ def group_norm_act(x: torch.Tensor, groups: int, eps: float, weight: Optional[to
     return _apply(x, weight, bias, mean, inv_std, groups, eps, act)
 
 
+@overload
+def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
+                   deferred: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
+                   deferred: Literal[True]) -> Tuple[torch.Tensor, torch.Tensor]: ...
 def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
                    deferred: bool = False) -> "torch.Tensor | Tuple[torch.Tensor, torch.Tensor]":
     """The fused equivalent of ``NormAct``: ``act(norm(x))``, or ``act.forward_deferred(norm(x))``.
@@ -602,7 +610,7 @@ def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
     ``act`` is a :class:`~models.proxy_norm.ProxyNormActivation` (its m, s computed in PyTorch, its gamma/beta
     used by the kernel) or ``nn.SiLU`` (the norm's own affine is used).
     """
-    if hasattr(act, "proxy_stats"):
+    if isinstance(act, ProxyNormActivation):
         if norm.affine:
             raise ValueError("a proxy-normed unit's norm must have no affine of its own")
         m, s = act.proxy_stats()
@@ -626,5 +634,5 @@ def set_fused_norm(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"model.fused_norm: {mode!r} is not one of {', '.join(FUSED_MODES)}")
     for module in model.modules():
         if hasattr(module, "fused_norm"):
-            module.fused_norm = mode
+            setattr(module, "fused_norm", mode)  # noqa: B010 - nn.Module's type does not declare the attribute
     return model

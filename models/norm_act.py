@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_norm import _dense, _version_tuple, compiling
+from .fused_norm import _dense, _version_tuple
 from .proxy_norm import accumulation_dtype, proxy_moments, proxy_moments_backward
 
 PROXY_MODES = ("full", "deferred_scale", "center_only")
@@ -38,6 +38,17 @@ NORM_AUTOGRAD_MODES = ("auto", "function", "modules")
 #: torch 2.0's dynamo refuses an autograd.Function whose inputs require grad ("autograd.Function with
 #: requires_grad": a graph break at every unit); later versions trace its forward and backward.
 DYNAMO_TRACES_FUNCTIONS = _version_tuple(torch.__version__) >= (2, 1)
+
+
+def compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing this call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is not None:
+        return bool(is_compiling())
+    dynamo = sys.modules.get("torch._dynamo")  # torch < 2.3
+    return bool(dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)())
+
+
 _aten = torch.ops.aten
 
 

@@ -63,6 +63,7 @@ class NormAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.fused_norm, self.norm, x):
+            assert isinstance(self.norm, nn.GroupNorm)  # use_fused checked it
             return fused_norm_act(self.norm, self.act, x)
         if use_function(self.norm_autograd, self.norm, self.act):
             return self._function(x, deferred=False)
@@ -72,6 +73,7 @@ class NormAct(nn.Module):
         """Output and the per-channel scale still to apply (``None`` without proxy norm)."""
         if isinstance(self.act, ProxyNormActivation) and self.act.mode == "deferred_scale":
             if use_fused(self.fused_norm, self.norm, x):
+                assert isinstance(self.norm, nn.GroupNorm)
                 return fused_norm_act(self.norm, self.act, x, deferred=True)
             if use_function(self.norm_autograd, self.norm, self.act):
                 return self._function(x, deferred=True)
@@ -106,6 +108,7 @@ class ScaleOnlyNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.fused_norm, self.norm, x):
+            assert isinstance(self.norm, nn.GroupNorm)
             return fused_scale_norm(self.norm, self.weight, x)
         if use_function(self.norm_autograd, self.norm):
             assert isinstance(self.norm, nn.GroupNorm)

@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataConfig, DataError, SampleKey, ShardedBatchSampler, build_dataset, build_loader,
-                  build_transform)
+from data import DataConfig, DataError, SampleKey, ShardedBatchSampler, build_dataset, build_loader, build_transform
 from data.fashion_mnist import CLASSES as FASHION_CLASSES
 from data.imagefolder import ImageFolderDataset
 from data.tar import TarDataset

@@ -15,11 +15,11 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
+from test_data import assert_same_batches
 
 from conftest import TINY_MODEL
 from data import DataConfig, DataError, EpochLoader, build_dataset, build_transform
 from data.shards import ShardDataset, ShardStreamSampler, buffer_shuffle, scan_shard, shard_sizes
-from test_data import assert_same_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

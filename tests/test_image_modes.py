@@ -70,7 +70,8 @@ def test_every_mode_becomes_8_bit_rgb(tmp_path: Path, mode, suffix, value, rgb):
 
 @pytest.mark.parametrize("mode, value, rgb", [
     ("La", (77, 255), (77, 77, 77)), ("RGBa", (10, 20, 30, 255), (10, 20, 30)), ("RGBX", (10, 20, 30, 0), (10, 20, 30)),
-    ("HSV", (0, 255, 255), (255, 0, 0)), ("YCbCr", (235, 128, 128), (235, 235, 235)), ("I;16L", 65535, (255, 255, 255)), ("I;16N", 0, (0, 0, 0)),
+    ("HSV", (0, 255, 255), (255, 0, 0)), ("YCbCr", (235, 128, 128), (235, 235, 235)), ("I;16L", 65535, (255, 255, 255)),
+    ("I;16N", 0, (0, 0, 0)),
 ])
 def test_modes_without_a_file_format_convert_too(mode, value, rgb):
     """Modes Pillow decodes into but cannot write, or whose files decode to RGB with some libtiff builds

@@ -3,15 +3,15 @@
 from pathlib import Path
 
 import pytest
-from conftest import assert_split_points_run_in_order, assert_trains_at
 import torch
 import torchvision
 from torch import nn
 
+from conftest import assert_split_points_run_in_order, assert_trains_at
 from models import ModelConfig, build_model, param_groups
 from models.efficientnet import MBConv, group_count
-from models.proxy_norm import ProxyNormActivation
-from models.summary import count_macs, main as summary_main
+from models.summary import count_macs
+from models.summary import main as summary_main
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

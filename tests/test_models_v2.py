@@ -9,15 +9,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_split_points_run_in_order, assert_trains_at
 import torch
 import torchvision
 from torch import nn
 
+from conftest import assert_split_points_run_in_order, assert_trains_at
 from models import ModelConfig, build_model, native_resolution, train_resolution
 from models.efficientnet import PRESETS, FusedMBConv, MBConv, SqueezeExcite, StageSpec
 from models.norms import ScaleOnlyNorm
-from models.summary import count_macs, main as summary_main
+from models.summary import count_macs
+from models.summary import main as summary_main
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_resolutions_match_timm_pretrained_configs(name):
 
 
 def test_s_m_l_resolutions_and_dropout_follow_automl():
-    expected = {"s": (300, 384, 0.2), "m": (384, 480, 0.3), "l": (384, 480, 0.4)}  # paper-notes §5.1
+    expected = {"s": (300, 384, 0.2), "m": (384, 480, 0.3), "l": (384, 480, 0.4)}  # docs/paper.md, "EfficientNetV2"
     for size, (train, test, dropout) in expected.items():
         name = f"efficientnetv2-{size}"
         assert (train_resolution(name), native_resolution(name), PRESETS[name].dropout) == (train, test, dropout)
@@ -91,7 +92,8 @@ def test_expand_one_fused_block_has_no_projection():
         model = build_model(ModelConfig(name="efficientnetv2-s"))
     first, second = model.blocks[0][0], model.blocks[0][1]
     assert not first.projects and not hasattr(first, "conv_pwl") and not hasattr(first, "norm3")
-    assert (first.conv_fused.in_channels, first.conv_fused.out_channels, first.conv_fused.kernel_size) == (24, 24, (3, 3))
+    conv = first.conv_fused
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (24, 24, (3, 3))
     assert first.has_residual and second.has_residual  # 24 -> 24 at stride 1
     expanding = model.blocks[1][0]
     assert expanding.projects and expanding.conv_fused.out_channels == 4 * 24

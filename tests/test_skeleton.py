@@ -159,6 +159,6 @@ def test_locks_pin_every_requirement_within_its_range(req_files, lock):
 
 
 def test_lock_versions_of_the_two_environments():
-    ref, sdk = _pins(REPO / "constraints.txt"), _pins(REPO / "constraints-sdk34.txt")
+    sdk = _pins(REPO / "constraints-sdk34.txt")
     assert (sdk["torch"], sdk["torchvision"]) == ("2.0.1", "0.15.2")
     assert int(sdk["numpy"].split(".")[0]) < 2, "torch 2.0.1 needs NumPy 1.x"

@@ -161,7 +161,8 @@ def merged(base: T, override: Any) -> T:
     return cast(T, out)
 
 
-#: The paper's fine-tune (docs/paper.md, "Fine-tuning at the test resolution"): SGD without momentum, lr 2^-11 x 512 = 0.25 at batch 512, cosine.
+#: The paper's fine-tune (docs/paper.md, "Fine-tuning at the test resolution"): SGD without momentum,
+#: lr 2^-11 x 512 = 0.25 at batch 512, cosine.
 FinetuneOptimizer = overrides_of(OptimizerConfig, {"name": "sgd", "lr": 0.25, "reference_batch": 512,
                                                    "momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
                                  "optimizer")

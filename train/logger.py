@@ -108,7 +108,8 @@ class RunLogger:
 
             run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name, tags=list(cfg.tags),
-                config=config, dir=str(self.run_dir), mode=self.mode,
+                config=config, dir=str(self.run_dir),
+                mode=self.mode,  # type: ignore[arg-type]  # also $WANDB_MODE's values W&B accepts (dryrun, run)
                 # "allow", not "must": "must" fails online when the first part ran offline and is not synced yet,
                 # and offline both behave the same (a new local part with this id; `wandb sync` joins the parts).
                 id=resume_id, resume="allow" if resume_id else None,

@@ -19,9 +19,10 @@ MIX_COLUMNS = 5
 def sample_mix(n: int, alpha: float, cutmix_lambda: Optional[float], generator: torch.Generator) -> torch.Tensor:
     """``[n, 5]``: mixup weight m (>= 0.5, partner = batch rolled by 1) and a CutMix box (y0, y1, x0, x1).
 
-    Mixup (docs/paper.md, "Mixup and CutMix"): m ~ Beta(alpha, alpha), m <- max(m, 1 - m). CutMix ("v1"): with probability
-    1.55*lambda - 0.96 no cut; otherwise an area 1 - lambda' with lambda' = 1 + ln(u)/4, u ~ U(e^-4, 1), of the
-    image's aspect, one box for the whole micro-batch, partner = batch rolled by 2. An empty box means no cut.
+    Mixup (docs/paper.md, "Mixup and CutMix"): m ~ Beta(alpha, alpha), m <- max(m, 1 - m). CutMix ("v1"): with
+    probability 1.55*lambda - 0.96 no cut; otherwise an area 1 - lambda' with lambda' = 1 + ln(u)/4,
+    u ~ U(e^-4, 1), of the image's aspect, one box for the whole micro-batch, partner = batch rolled by 2.
+    An empty box means no cut.
     """
     params = torch.zeros(n, MIX_COLUMNS)
     params[:, 0] = 1.0
