@@ -385,9 +385,7 @@ def init_weights(model: nn.Module) -> None:
 def split_points(model: nn.Module) -> List[str]:
     """Names a pipeline stage may start at, in execution order."""
     names = ["stem"]
-    blocks = model.get_submodule("blocks")
-    assert isinstance(blocks, nn.ModuleList), "not an EfficientNet: no block list"
-    for s, stage in enumerate(blocks):
+    for s, stage in enumerate(model.get_submodule("blocks").children()):
         names += [f"blocks.{s}.{i}" for i, _ in enumerate(stage.children())]
     return names + ["head", "classifier"]
 
