@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.measure import count_macs
 from models.norm_act import NORM_AUTOGRAD_MODES, NormAutograd
-from models.summary import count_macs
 from train.config import ConfigError, load_config
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"

@@ -41,12 +41,14 @@ def proxy_moments(gamma: torch.Tensor, beta: torch.Tensor, proxy_beta: torch.Ten
     """``(m, s, u)``: the mean and inverse std of ``swish(u)`` over the points ``u = gamma * Y + beta`` of the
     proxy ``Y = beta~ + (1 + gamma~) q`` at the quantiles ``q``, and ``u`` itself (channels x points).
 
-    ``u = gamma (1 + gamma~) q + (gamma beta~ + beta)`` is one outer product.
+    ``u = gamma (1 + gamma~) q + (gamma beta~ + beta)`` is one broadcast multiply-add. Every op here is
+    elementwise or a reduction, which autocast leaves in the input's dtype; ``torch.addr`` would be cast to
+    fp16/bf16 by CUDA's autocast, and the moments would no longer be fp32.
     """
     acc = accumulation_dtype(gamma)
     gamma, beta = gamma.to(acc), beta.to(acc)
-    u = torch.addr((gamma * proxy_beta.to(acc) + beta)[:, None], gamma * (1.0 + proxy_gamma.to(acc)),
-                   quantiles.to(acc))
+    u = torch.addcmul((gamma * proxy_beta.to(acc) + beta)[:, None], (gamma * (1.0 + proxy_gamma.to(acc)))[:, None],
+                      quantiles.to(acc)[None, :])
     activated = F.silu(u)
     mean = activated.mean(dim=1)
     var = (activated - mean[:, None]).square().mean(dim=1)

@@ -1,8 +1,8 @@
 """Proxy norm against an independent float64 reference (stdlib quantiles, written out term by term)."""
 
-import math
 from statistics import NormalDist
 
+import pytest
 import torch
 
 from models.proxy_norm import ProxyNormActivation, normal_quantiles
@@ -88,13 +88,31 @@ def test_modes_center_and_defer_the_scale():
     assert torch.allclose(centered * scale.view(1, -1, 1, 1), full(x))
 
 
-def test_statistics_stay_fp32_under_bf16_input():
-    pn = ProxyNormActivation(4)
-    out = pn(torch.randn(2, 4, 3, 3).bfloat16())
+def _randomised(channels: int) -> ProxyNormActivation:
+    pn = ProxyNormActivation(channels)
+    with torch.no_grad():
+        for p in pn.parameters():
+            p.copy_(torch.randn(channels) * 0.5)
+    return pn
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_statistics_stay_fp32_under_bf16_autocast(device):
+    """Autocast must not lower the quadrature: the moments under bf16 autocast equal the fp32 ones exactly, and
+    the bf16 output is the fp32 output rounded (to bf16's precision)."""
+    torch.manual_seed(0)
+    pn = _randomised(8).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device).bfloat16()
+    ref_m, ref_s = pn.proxy_stats()
+    ref_out = pn(x.float())
+    with torch.autocast(device, dtype=torch.bfloat16):
+        m, s = pn.proxy_stats()
+        out = pn(x)
+    assert m.dtype == s.dtype == torch.float32
+    assert torch.equal(m, ref_m) and torch.equal(s, ref_s)
     assert out.dtype == torch.bfloat16
-    mean, inv_std = pn.proxy_stats()
-    assert mean.dtype == inv_std.dtype == torch.float32
-    assert not math.isnan(out.float().sum().item())
+    torch.testing.assert_close(out.float(), ref_out, atol=0.05, rtol=0.02)
 
 
 def test_autograd_function_matches_reference_in_float64():
