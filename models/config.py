@@ -46,9 +46,10 @@ class ModelConfig:
         "help": "the PyTorch path of group/layer norm units: function = one memory-lean autograd Function per norm "
                 "+ affine + swish (+ proxy norm) unit (docs/performance.md); modules = the plain modules, one "
                 "autograd node per op (what the IPU must trace: PopART differentiates the graph itself and never "
-                "runs a custom backward); auto = function, except while PopTorch traces, under torch.compile on "
-                "torch 2.0 (its dynamo cannot trace the Function), or when a unit's norm/activation module has "
-                "forward hooks. BatchNorm units always run as modules."})
+                "runs a custom backward); auto = function on CPU tensors, except while PopTorch traces, under "
+                "torch.compile on torch 2.0 (its dynamo cannot trace the Function), or when a unit's "
+                "norm/activation module has forward hooks; on CUDA auto keeps the modules until the Function has "
+                "run on a GPU. BatchNorm units always run as modules."})
 
     def validate(self) -> None:
         if self.proxy_norm and self.norm == "batch":

@@ -63,13 +63,14 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def use_function(mode: str, norm: nn.Module, act: Optional[nn.Module] = None) -> bool:
+def use_function(mode: str, norm: nn.Module, x: torch.Tensor, act: Optional[nn.Module] = None) -> bool:
     """Per call: run a unit as the autograd Function (True) or as its plain modules (False).
 
-    ``modules``: never. ``function``: every group/layer norm (GroupNorm) unit. ``auto``: as ``function``, except
-    while PopTorch traces, under torch.compile on a torch whose dynamo cannot trace the Function (2.0), and when
-    the norm or activation module has forward hooks (e.g. the IPU precision casts of ipu_options/pipeline.py),
-    which only run if the module itself is called.
+    ``modules``: never. ``function``: every group/layer norm (GroupNorm) unit. ``auto``: as ``function`` on CPU
+    tensors, except while PopTorch traces, under torch.compile on a torch whose dynamo cannot trace the Function
+    (2.0), and when the norm or activation module has forward hooks (e.g. the IPU precision casts of
+    ipu_options/pipeline.py), which only run if the module itself is called. On other devices ``auto`` keeps the
+    modules: the Function has run on CPUs only, and a default must be a path that has run on its hardware.
     """
     if mode == "modules":
         return False
@@ -79,7 +80,7 @@ def use_function(mode: str, norm: nn.Module, act: Optional[nn.Module] = None) ->
         return False
     if mode == "function":
         return True
-    if compiling() and not DYNAMO_TRACES_FUNCTIONS:
+    if x.device.type != "cpu" or (compiling() and not DYNAMO_TRACES_FUNCTIONS):
         return False
     return not (poptorch_tracing() or _hooked(norm) or (act is not None and _hooked(act)))
 

@@ -65,7 +65,7 @@ class NormAct(nn.Module):
         if use_fused(self.fused_norm, self.norm, x):
             assert isinstance(self.norm, nn.GroupNorm)  # use_fused checked it
             return fused_norm_act(self.norm, self.act, x)
-        if use_function(self.norm_autograd, self.norm, self.act):
+        if use_function(self.norm_autograd, self.norm, x, self.act):
             return self._function(x, deferred=False)
         return self.act(self.norm(x))
 
@@ -75,7 +75,7 @@ class NormAct(nn.Module):
             if use_fused(self.fused_norm, self.norm, x):
                 assert isinstance(self.norm, nn.GroupNorm)
                 return fused_norm_act(self.norm, self.act, x, deferred=True)
-            if use_function(self.norm_autograd, self.norm, self.act):
+            if use_function(self.norm_autograd, self.norm, x, self.act):
                 return self._function(x, deferred=True)
             return self.act.forward_deferred(self.norm(x))
         return self(x), None
@@ -110,7 +110,7 @@ class ScaleOnlyNorm(nn.Module):
         if use_fused(self.fused_norm, self.norm, x):
             assert isinstance(self.norm, nn.GroupNorm)
             return fused_scale_norm(self.norm, self.weight, x)
-        if use_function(self.norm_autograd, self.norm):
+        if use_function(self.norm_autograd, self.norm, x):
             assert isinstance(self.norm, nn.GroupNorm)
             # group norm's own affine (weight, no bias): one op that saves x only, not the product's two inputs
             return F.group_norm(x, self.norm.num_groups, kernel_param(self.weight, x), None, self.norm.eps)

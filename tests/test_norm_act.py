@@ -215,14 +215,17 @@ def test_the_function_saves_the_input_and_at_most_the_output(kind):
 def test_path_selection():
     spec = NormSpec("layer", proxy_norm=True)
     pn = NormAct(spec, 8)
-    assert use_function("auto", pn.norm, pn.act) and use_function("function", pn.norm, pn.act)
-    assert not use_function("modules", pn.norm, pn.act)
-    assert not use_function("auto", nn.BatchNorm2d(8))  # BatchNorm units always run as modules
+    x = torch.randn(2, 8, 4, 4)
+    assert use_function("auto", pn.norm, x, pn.act) and use_function("function", pn.norm, x, pn.act)
+    assert not use_function("modules", pn.norm, x, pn.act)
+    assert not use_function("auto", nn.BatchNorm2d(8), x)  # BatchNorm units always run as modules
+    on_meta = torch.empty(2, 8, 4, 4, device="meta")  # any non-CPU device: the Function has run on CPUs only
+    assert not use_function("auto", pn.norm, on_meta, pn.act) and use_function("function", pn.norm, on_meta, pn.act)
     hook = pn.norm.register_forward_pre_hook(lambda m, i: None)
-    assert not use_function("auto", pn.norm, pn.act) and use_function("function", pn.norm, pn.act)
+    assert not use_function("auto", pn.norm, x, pn.act) and use_function("function", pn.norm, x, pn.act)
     hook.remove()
     with pytest.raises(ValueError, match="model.norm_autograd: 'fast' is not one of auto, function, modules"):
-        use_function("fast", pn.norm, pn.act)
+        use_function("fast", pn.norm, x, pn.act)
 
 
 def test_hooks_on_the_norm_module_still_run_under_auto():
