@@ -110,3 +110,59 @@ def assert_split_points_run_in_order(model, resolution=64) -> list:
         h.remove()
     assert order == names
     return names
+
+
+class WandbCalls:
+    """What the code under test asked of W&B through its public API, recorded on the real runs as it happened."""
+
+    def __init__(self) -> None:
+        self.inits: list = []  # wandb.init keyword arguments, one per run part
+        self.runs: list = []  # the real Run objects
+        self.logs: list = []  # (run id, step, metrics)
+        self.summaries: list = []  # (run id, summary as it stood when the run finished)
+        self.finishes: list = []  # (run id, exit code)
+        self.artifacts: list = []  # (run id, wandb.Artifact, aliases)
+
+    def steps(self, run_id: str) -> list:
+        return [step for rid, step, _ in self.logs if rid == run_id]
+
+
+@pytest.fixture
+def wandb_calls(monkeypatch: pytest.MonkeyPatch) -> WandbCalls:
+    """Wrap ``wandb.init`` and the methods of the runs it returns so that every call is recorded and then passed
+    on: W&B itself still runs (offline) and writes its files. No reading of W&B's file format is needed."""
+    wandb = pytest.importorskip("wandb")
+    calls = WandbCalls()
+    real_init = wandb.init
+
+    def init(**kwargs):
+        run = real_init(**kwargs)
+        calls.inits.append(kwargs)
+        calls.runs.append(run)
+        real_log, real_finish, real_log_artifact = run.log, run.finish, run.log_artifact
+
+        def log(data, step=None, **rest):
+            calls.logs.append((run.id, step, dict(data)))
+            return real_log(data, step=step, **rest)
+
+        def finish(exit_code=None, **rest):
+            calls.summaries.append((run.id, {key: run.summary[key] for key in run.summary.keys()}))
+            calls.finishes.append((run.id, exit_code))
+            return real_finish(exit_code=exit_code, **rest)
+
+        def log_artifact(artifact, aliases=None, **rest):
+            calls.artifacts.append((run.id, artifact, list(aliases or [])))
+            return real_log_artifact(artifact, aliases=aliases, **rest)
+
+        monkeypatch.setattr(run, "log", log)
+        monkeypatch.setattr(run, "finish", finish)
+        monkeypatch.setattr(run, "log_artifact", log_artifact)
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    return calls
+
+
+def offline_run_folders(run_dir: Path, run_id: str) -> list:
+    """The local parts W&B wrote for one offline run (``wandb sync`` takes these folders), oldest first."""
+    return sorted(p for p in run_dir.glob(f"wandb/offline-run-*-{run_id}*") if p.is_dir())

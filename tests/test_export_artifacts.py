@@ -1,5 +1,5 @@
 """checkpoint.keep_best keeps the checkpoint of the best validation top-1, and a run logs each phase's final and best
-checkpoint as W&B artifacts, recorded locally by an offline run (read back from its ``.wandb`` file)."""
+checkpoint as W&B artifacts, recorded locally by an offline run (checked at W&B's public API: ``wandb_calls``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from test_export import tiny_cifar
-from test_logger import wandb_files, wandb_records
 
+from conftest import WandbCalls
 from train.checkpoint import find_resumable, load_checkpoint
 from train.cli import main as train_main
 
 
-def test_best_checkpoint_is_kept_and_both_are_logged_as_artifacts(shared_cifar_tarball, tmp_path, monkeypatch):
+def test_best_checkpoint_is_kept_and_both_are_logged_as_artifacts(shared_cifar_tarball, tmp_path, monkeypatch,
+                                                                  wandb_calls: WandbCalls):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
@@ -36,20 +37,15 @@ def test_best_checkpoint_is_kept_and_both_are_logged_as_artifacts(shared_cifar_t
     # --resume auto still takes the furthest checkpoint, not the best one.
     assert find_resumable([run]).name == "train-final.pt"
 
-    (part,) = wandb_files(run, summary_run_id(run))
-    artifacts = [r.artifact for r in wandb_records(part) if r.WhichOneof("record_type") == "artifact"]
-    # W&B adds its own "latest" to every version it logs.
-    assert [(a.name, a.type, sorted(set(a.aliases) - {"latest"})) for a in artifacts] == [
+    logged = [(artifact, aliases) for _, artifact, aliases in wandb_calls.artifacts]
+    assert [(a.name, a.type, aliases) for a, aliases in logged] == [
         ("run-train", "model", ["final"]), ("run-train", "model", ["best"])]
-    for artifact, name in zip(artifacts, ["train-final.pt", "train-best.pt"], strict=True):
-        (entry,) = artifact.manifest.contents
+    for (artifact, _), name in zip(logged, ["train-final.pt", "train-best.pt"], strict=True):
+        (entry,) = artifact.manifest.entries.values()
         assert entry.path == name and Path(entry.local_path).is_file()  # staged locally for wandb sync
-        assert json.loads(artifact.metadata)["checkpoint"] == name
-
-
-def summary_run_id(run: Path) -> str:
-    (folder,) = (run / "wandb").glob("offline-run-*")
-    return folder.name.rsplit("-", 1)[-1]
+        assert artifact.metadata["checkpoint"] == name
+        assert artifact.metadata["train/best/val/top1@32"] == best_top1
+    assert [code for _, code in wandb_calls.finishes] == [0]
 
 
 @pytest.mark.parametrize("keep_best", ["false"])

@@ -1,23 +1,23 @@
-"""The run logger against a real offline W&B run, read back from the ``.wandb`` file it leaves on disk.
+"""The run logger against a real offline W&B run.
 
-wandb has no offline reader in its public API (``wandb.Api`` needs the server), so :func:`wandb_records` decodes
-the file itself: a LevelDB-style log (7-byte ``:W&B`` header, 32 KiB blocks of CRC-checked chunks) whose payloads
-are ``wandb.proto`` ``Record`` messages -- the same bytes ``wandb sync`` uploads.
+What reaches W&B is checked at its public API: the ``wandb_calls`` fixture (tests/conftest.py) records every
+``wandb.init``, ``Run.log``, ``Run.finish`` and ``Run.log_artifact`` call on the real runs and passes it on, and the
+run's own public attributes (id, project, name, tags, config, summary) are read back. W&B's private file format is
+not decoded; that the offline run folders exist is the part of it ``wandb sync`` documents.
 """
 
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
 
+from conftest import WandbCalls, offline_run_folders
+
 pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
 from train.config import ConfigError, LoggingConfig, load_config  # noqa: E402
 from train.logger import RunLogger, resolve_wandb_mode  # noqa: E402
@@ -35,66 +35,12 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
 
 
-# --------------------------------------------------------------------------------------- .wandb file reader
-def wandb_records(path: Path) -> Iterator[Any]:
-    """Every ``Record`` of a ``run-<id>.wandb`` file, checking each chunk's CRC."""
-    data = path.read_bytes()
-    ident, magic, _version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic) == (b":W&B", 0xBEE1), f"{path} is not a W&B transaction log"
-    block, pos, pending = 32768, 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
-            pos += block - pos % block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:  # zero padding at the end of the file
-            break
-        chunk = data[pos + 7:pos + 7 + length]
-        assert crc == zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF, f"bad CRC at byte {pos} of {path}"
-        pos += 7 + length
-        pending += chunk
-        if kind in (1, 4):  # FULL or LAST chunk: a whole record
-            record = pb.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def _items(items: Any) -> Dict[str, Any]:
-    return {(".".join(i.nested_key) or i.key): json.loads(i.value_json) for i in items}
-
-
-def history(path: Path) -> List[Dict[str, Any]]:
-    return [_items(r.history.item) for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
-
-
-def run_record(path: Path) -> Any:
-    return next(r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
-
-
-def summary_updates(path: Path) -> Dict[str, Any]:
-    merged: Dict[str, Any] = {}
-    for r in wandb_records(path):
-        if r.WhichOneof("record_type") == "summary":
-            merged.update(_items(r.summary.update))
-    return merged
-
-
-def exit_code(path: Path) -> int:
-    return next(r.exit.exit_code for r in wandb_records(path) if r.WhichOneof("record_type") == "exit")
-
-
-def wandb_files(run_dir: Path, run_id: str) -> List[Path]:
-    """The local parts of one W&B run, oldest first (a resumed run adds a part)."""
-    return sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb"))
-
-
 def jsonl(run_dir: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # -------------------------------------------------------------------------------------------------- tests
-def test_offline_run_logs_to_jsonl_and_wandb(tmp_path: Path) -> None:
+def test_offline_run_logs_to_jsonl_and_wandb(tmp_path: Path, wandb_calls: WandbCalls) -> None:
     run_dir = tmp_path / "b0-demo"
     cfg = LoggingConfig(wandb="offline", tags=["test", "g16"])
     with RunLogger(run_dir, CONFIG, cfg) as logger:
@@ -110,19 +56,19 @@ def test_offline_run_logs_to_jsonl_and_wandb(tmp_path: Path) -> None:
     assert all(line["time"] > 1e9 and line["phase"] == "train" for line in lines[:3])
     assert lines[3]["kind"] == "summary" and lines[3]["val/top1"] == 0.625 and len(lines) == 4
 
-    (part,) = wandb_files(run_dir, run_id)
-    rows = history(part)
-    assert [(r["_step"], r["train/loss"], r["train/acc"], r["phase"]) for r in rows] == [
+    (run,) = wandb_calls.runs
+    assert (run.id, run.project, run.name, list(run.tags)) == (run_id, "efficientnet-ipu", "b0-demo", ["test", "g16"])
+    assert dict(run.config)["model"] == CONFIG["model"]
+    assert wandb_calls.inits[0]["mode"] == "offline" and wandb_calls.inits[0]["dir"] == str(run_dir)
+    assert [(step, m["train/loss"], m["train/acc"], m["phase"]) for _, step, m in wandb_calls.logs] == [
         (0, 2.0, 0.0, "train"), (10, 1.5, 0.25, "train"), (20, 1.0, 0.5, "train")]
-    run = run_record(part)
-    assert (run.run_id, run.project, run.display_name) == (run_id, "efficientnet-ipu", "b0-demo")
-    assert list(run.tags) == ["test", "g16"]
-    assert _items(run.config.update)["model"] == CONFIG["model"]
-    assert summary_updates(part)["val/top1"] == 0.625
-    assert exit_code(part) == 0
+    ((_, summary),) = wandb_calls.summaries
+    assert summary["val/top1"] == 0.625 and summary["epochs"] == 2
+    assert wandb_calls.finishes == [(run_id, 0)]
+    assert len(offline_run_folders(run_dir, run_id)) == 1
 
 
-def test_resume_continues_the_same_wandb_run(tmp_path: Path) -> None:
+def test_resume_continues_the_same_wandb_run(tmp_path: Path, wandb_calls: WandbCalls) -> None:
     run_dir = tmp_path / "run"
     cfg = LoggingConfig(wandb="offline")
     with RunLogger(run_dir, CONFIG, cfg) as first:
@@ -134,11 +80,10 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path) -> None:
         second.log({"loss": 1.0}, step=2)
 
     assert [line["step"] for line in jsonl(run_dir)] == [0, 1, 2]  # appended, not overwritten
-    parts = wandb_files(run_dir, run_id)
-    assert len(parts) == 2, "an offline resume writes a second local part of the same run"
-    assert [run_record(p).run_id for p in parts] == [run_id, run_id]
-    assert [run_record(p).resume for p in parts] == [False, True]  # `wandb sync` appends the resumed part
-    assert [[r["_step"] for r in history(p)] for p in parts] == [[0, 1], [2]]
+    assert [(kw.get("id"), kw.get("resume")) for kw in wandb_calls.inits] == [(None, None), (run_id, "allow")]
+    assert [run.id for run in wandb_calls.runs] == [run_id, run_id]
+    assert wandb_calls.steps(run_id) == [0, 1, 2]  # one global step across the parts
+    assert len(offline_run_folders(run_dir, run_id)) == 2, "an offline resume writes a second local part"
 
 
 def test_auto_mode_goes_online_only_with_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,7 +118,8 @@ def test_broken_wandb_warns_and_training_logs_continue(tmp_path: Path, monkeypat
     assert [line.get("loss", line.get("top1")) for line in jsonl(run_dir)] == [1.0, 0.5]
 
 
-def test_wandb_log_failure_warns_once_and_drops_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_log_failure_warns_once_and_drops_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       wandb_calls: WandbCalls) -> None:
     logger = RunLogger(tmp_path / "run", CONFIG, LoggingConfig(wandb="offline"))
 
     def broken_log(*args: Any, **kwargs: Any) -> None:
@@ -186,15 +132,15 @@ def test_wandb_log_failure_warns_once_and_drops_wandb(tmp_path: Path, monkeypatc
     assert len(caught) == 1
     logger.close()
     assert [line["loss"] for line in jsonl(tmp_path / "run")] == [1.0, 0.5]
-    assert exit_code(wandb_files(tmp_path / "run", logger.wandb_id)[0]) == 1
+    assert wandb_calls.finishes == [(logger.wandb_id, 1)]  # marked failed, and only once
 
 
-def test_exception_marks_the_wandb_run_failed(tmp_path: Path) -> None:
+def test_exception_marks_the_wandb_run_failed(tmp_path: Path, wandb_calls: WandbCalls) -> None:
     with pytest.raises(KeyboardInterrupt):
         with RunLogger(tmp_path / "run", CONFIG, LoggingConfig(wandb="offline")) as logger:
             logger.log({"loss": 1.0}, step=0)
             raise KeyboardInterrupt
-    assert exit_code(wandb_files(tmp_path / "run", logger.wandb_id)[0]) == 1
+    assert wandb_calls.finishes == [(logger.wandb_id, 1)]
 
 
 def test_disabled_logger_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
