@@ -81,11 +81,14 @@ class NormSiLU(nn.Module):
         self.register_buffer("shift", None if shift is None else _channel(shift.float()).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.norm(x))
+        y = self.norm(x)
+        # In place on the norm's fresh output (not on x, which Identity passes through): on a CPU every new
+        # activation-sized tensor costs a pass of page faults, as much as the arithmetic (docs/performance.md).
+        y = F.silu(y, inplace=not isinstance(self.norm, nn.Identity))
         if self.scale is not None:
-            y = y * self.scale.to(y.dtype)
+            y = y.mul_(self.scale.to(y.dtype))
         if self.shift is not None:
-            y = y + self.shift.to(y.dtype)
+            y = y.add_(self.shift.to(y.dtype))
         return y
 
 
@@ -113,7 +116,7 @@ class InferenceMBConv(nn.Module):
         gate = self.se(out)
         out = self.conv_pwl(out * gate)
         if self.gate_correction is not None:
-            out = out - _channel_rows(F.linear(gate.flatten(1), self.gate_correction.to(gate.dtype)))
+            out = out.sub_(_channel_rows(F.linear(gate.flatten(1), self.gate_correction.to(gate.dtype))))
         out = self.norm3(out)
         return x + out if self.has_residual else out
 
