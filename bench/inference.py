@@ -19,6 +19,7 @@ options) for an offline IPU and reports the compile time: it needs PopTorch, not
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -101,7 +102,8 @@ def build_engines(name: str, model_cfg: ModelConfig, engines: Sequence[str], x: 
         elif engine == "compile":
             out.append(Engine(name, engine, _torch_engine(torch.compile(folded), x, precision)))
         elif precision == "fp32":  # onnxruntime: the exported graph is fp32
-            out.append(Engine(name, engine, _onnx_engine(network.cpu(), model_cfg, name, x, folder)))
+            # A copy: the eager engine keeps using ``network`` on its device.
+            out.append(Engine(name, engine, _onnx_engine(copy.deepcopy(network).cpu(), model_cfg, name, x, folder)))
     return out
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
@@ -453,7 +454,12 @@ def save_exported(path: Path, model_cfg: ModelConfig, state: Dict[str, torch.Ten
                 "class_names": json.dumps(list(class_names)),
                 "preprocessing": json.dumps(dataclasses.asdict(preprocessing)), "info": json.dumps(info)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    partial = path.with_name(path.name + ".partial")  # never a truncated file at ``path``
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

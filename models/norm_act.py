@@ -120,7 +120,8 @@ class _NormSwish(torch.autograd.Function):
                 proxy_beta: Optional[torch.Tensor], proxy_gamma: Optional[torch.Tensor],
                 quantiles: Optional[torch.Tensor], groups: int, eps: float, proxy_eps: float,
                 mode: Optional[str]) -> Any:
-        x = _dense(x)
+        # CPU's native group norm takes NCHW or channels_last; CUDA's only NCHW-contiguous input.
+        x = _dense(x) if x.device.type == "cpu" else x.contiguous()
         n, c, hw = _sizes(x)
         s = None
         with torch.autocast(x.device.type, enabled=False):

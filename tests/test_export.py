@@ -226,9 +226,30 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path, capsys):
          "does not fit this model"),
         (["--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.onnx"), "--set", "data.path=/nowhere"],
          "/nowhere"),
+        # --out under a regular file: the folder cannot be made (a real OSError from the file system)
+        (["--checkpoint", str(checkpoint), "--out", str(corrupt / "model.safetensors")], "cannot write it"),
+        (["--checkpoint", str(checkpoint), "--out", str(corrupt / "model.onnx"), "--verify-samples", "0"],
+         "cannot write it"),
     ]
     for args, words in cases:
         capsys.readouterr()
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, (args, err)
+
+
+def test_an_interrupted_export_is_one_line_and_130(checkpoint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C outside a training loop: exit 130 and one line, and no half-written file at --out."""
+    import models.inference as inference
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "save_file", interrupted)
+    out = tmp_path / "exports" / "model.safetensors"
+    capsys.readouterr()
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+    assert list(out.parent.iterdir()) == [], "neither the partial file nor anything at --out"

@@ -305,3 +305,26 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_modules(tmp_path):
     assert grads.keys() == ref.keys()
     for name in ref:
         assert rel_err(grads[name], ref[name] / 2) < 1e-3, name
+
+
+def test_the_ipu_traces_the_plain_modules(monkeypatch):
+    """Contract (fake PopTorch): while PopTorch runs the model, ``poptorch.isRunningOnIpu()`` is True and ``auto``
+    keeps the modules, whose graph PopART differentiates itself; on the CPU the same model runs the Function."""
+    import fake_poptorch
+    import models.norm_act as norm_act
+
+    poptorch = fake_poptorch.install(monkeypatch)
+    calls = []
+    real_apply = norm_act._NormSwish.apply
+    monkeypatch.setattr(norm_act._NormSwish, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(norm="layer", proxy_norm=True, group_dim=16, expand_ratio=4, num_classes=10,
+                                    width_mult=0.25, depth_mult=0.25)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        on_cpu = model(x)
+    assert calls, "the CPU run takes the Function"
+    calls.clear()
+    on_ipu = poptorch.inferenceModel(model, poptorch.Options())(x)
+    assert not calls, "under PopTorch auto must run the plain modules"
+    torch.testing.assert_close(on_ipu, on_cpu, rtol=1e-5, atol=1e-5)

@@ -100,7 +100,9 @@ def _randomised(channels: int) -> ProxyNormActivation:
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_statistics_stay_fp32_under_bf16_autocast(device):
     """Autocast must not lower the quadrature: the moments under bf16 autocast equal the fp32 ones exactly, and
-    the bf16 output is the fp32 output rounded (to bf16's precision)."""
+    the bf16 output is the fp32 output rounded (to bf16's precision). CUDA's autocast is the one that lowers
+    ``addr`` (the op the moments used before), so the CUDA case is the regression test; the CPU case holds the
+    same promise for CPU autocast."""
     torch.manual_seed(0)
     pn = _randomised(8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device).bfloat16()

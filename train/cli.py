@@ -78,6 +78,9 @@ def run_guarded(job: Callable[[], None]) -> int:
     except Interrupted as err:
         print(str(err), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (set-up, export, predict, validate)
+        print("interrupted: stopped before finishing", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from data import DataConfig, build_dataset, build_transform
@@ -43,6 +44,7 @@ from .backends.ipu_backend import import_poptorch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .cli import run_guarded
 from .config import Config, ConfigError, load_config
+from .errors import StorageError
 from .phases import Phase, run_phases
 from .task import MEAN, STD
 
@@ -95,6 +97,9 @@ def load_trained(path: Path, overrides: List[str], weights: Optional[str] = None
     """Build the checkpoint's model, on the CPU in fp32, with the chosen weights (one-line errors throughout)."""
     state = load_checkpoint(path)
     cfg = load_config(None, overrides, base=state["config"])
+    # An export is built and verified on the CPU and must load on any device: the opt-in Triton kernels
+    # (model.fused_norm: on) are a training-time choice, not part of the model.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_norm="auto"))
     kind, chosen = checkpoint_weights(state, weights, path)
     network = EfficientNet(cfg.model)
     load_weights(network, {k: v.float() if v.is_floating_point() else v for k, v in chosen.items()}, path)
@@ -297,14 +302,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"--resolution: {args.resolution} is below 8 px")
         trained = load_trained(args.checkpoint, args.overrides, args.weights)
         resolution = args.resolution or default_resolution(trained)
-        if fmt == "popef":
-            print(json.dumps(export_popef(trained, args.out, resolution)), flush=True)
-            return
-        names = class_names(trained.cfg, args.class_names)
-        if fmt == "safetensors":
-            print(json.dumps(export_safetensors(trained, args.out, names, resolution)), flush=True)
-            return
-        export_onnx(trained, args.out, names, resolution, args.input, args.opset)
+        names = class_names(trained.cfg, args.class_names) if fmt != "popef" else []
+        try:
+            if fmt == "popef":
+                print(json.dumps(export_popef(trained, args.out, resolution)), flush=True)
+                return
+            if fmt == "safetensors":
+                print(json.dumps(export_safetensors(trained, args.out, names, resolution)), flush=True)
+                return
+            export_onnx(trained, args.out, names, resolution, args.input, args.opset)
+        except (OSError, SafetensorError) as err:
+            raise StorageError(f"--out {args.out}: cannot write it ({err})") from None
         line: Dict[str, Any] = {"format": "onnx", "out": str(args.out), "opset": args.opset, "input": args.input,
                                 "resolution": resolution, **trained.info}
         if args.verify_samples > 0:

@@ -37,6 +37,7 @@ from models.measure import count_macs
 from .averaging import WeightAverage
 from .backends import Backend, make_backend, process_rank
 from .checkpoint import (
+    CheckpointError,
     final_checkpoint_name,
     load_checkpoint,
     load_weights,
@@ -426,7 +427,7 @@ class Trainer:
         if self.is_main:
             try:
                 save_checkpoint(load_checkpoint(self.last_checkpoint), self.ckpt_dir / best_checkpoint_name(phase.name))
-            except StorageError as err:
+            except (StorageError, CheckpointError) as err:  # every rank must hear of it, or the others wait
                 error = str(err)
         if backend.any_process(bool(error)):
             raise StorageError(error or "process 0 could not write the best checkpoint; see its error")

@@ -104,6 +104,7 @@ class State:
         self.executors: List["PoplarExecutor"] = []
         self.identity_loss_calls: List[str] = []
         self.checkpoints = 0
+        self.running_on_ipu = False  # what poptorch.isRunningOnIpu() answers: True while a model runs "on the IPU"
         self.block_entries: List[Any] = []  # (user_id, ipu_id) as blocks start during a forward
         self.popdist: Dict[str, Any] = {"env": False, "instance": 0, "instances": 1, "total_replicas": 1,
                                         "ipus_per_replica": 1, "initialised": False}
@@ -738,7 +739,7 @@ class PoplarExecutor:
                 micro = [c[di * replicas_ga + j] for c in chunks]
                 if self._training:
                     marked_before = len(STATE.identity_loss_calls)
-                    out = self._user_model(*micro)
+                    out = self._run_on_ipu(*micro)
                     loss = out[0] if isinstance(out, (tuple, list)) else out
                     if len(STATE.identity_loss_calls) == marked_before or id(loss) not in _MARKED:
                         raise PoptorchError("The training model must return the loss marked by "
@@ -748,12 +749,20 @@ class PoplarExecutor:
                     _MARKED.discard(id(loss))
                 else:
                     with torch.no_grad():
-                        out = self._user_model(*micro)
+                        out = self._run_on_ipu(*micro)
                 outputs.append(tuple(t.detach() for t in out) if isinstance(out, (tuple, list)) else out.detach())
             if self._training:
                 self._optimizer._clip_gradients()
                 self._optimizer.step()
         return self._collect(outputs)
+
+    def _run_on_ipu(self, *micro):
+        """The user's forward, as PopTorch traces and runs it: ``poptorch.isRunningOnIpu()`` is True inside."""
+        STATE.running_on_ipu = True
+        try:
+            return self._user_model(*micro)
+        finally:
+            STATE.running_on_ipu = False
 
     def _collect(self, outputs: List[Any]) -> Any:
         mode = OutputMode(self._options.output_mode)
@@ -972,7 +981,7 @@ def build_modules() -> Dict[str, types.ModuleType]:
         ReductionType=ReductionType, DataLoaderMode=DataLoaderMode, ConnectionType=ConnectionType,
         BeginBlock=BeginBlock, recomputationCheckpoint=recomputationCheckpoint, identity_loss=identity_loss,
         trainingModel=trainingModel, inferenceModel=inferenceModel, DataLoader=DataLoader, optim=optim,
-        STATE=STATE, __version__="3.4.0-fake")
+        isRunningOnIpu=lambda: STATE.running_on_ipu, STATE=STATE, __version__="3.4.0-fake")
     pd = STATE.popdist
 
     def init() -> None:
