@@ -33,8 +33,11 @@ FAST = TINY_MODEL + [
     "schedule.warmup_epochs=0", "logging.wandb=disabled", "logging.log_every=1",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-#: What each stopped process prints (several processes share stderr, so it may follow a progress bar's text).
-STOPPED = re.compile(r"stopped by (.+?) at step (\d+) of phase '(\w+)'; checkpoint (\S+)\. Resume with")
+#: What each stopped process prints (several processes share stderr, so it may follow a progress bar's text):
+#: (what stopped it, step, phase, checkpoint). A rank that got more than one signal (torchrun forwards the SIGTERM
+#: it got itself) says so after the signal's name.
+STOPPED = re.compile(r"stopped by (SIG\w+|a signal on another process)(?: \(\d+ signals; the first one counts\))? "
+                     r"at step (\d+) of phase '(\w+)'; checkpoint (\S+)\. Resume with")
 
 pytestmark = needs_fashion
 
@@ -169,7 +172,9 @@ def test_sigterm_to_the_process_group_of_a_torchrun_job_with_workers(tmp_path, s
     os.killpg(proc.pid, signal.SIGTERM)
     err = finish(proc)
     assert no_traceback_from_the_ranks(err), err[-3000:]
-    assert [s[0] for s in STOPPED.findall(err)] == ["SIGTERM", "SIGTERM"], err[-3000:]
+    stops = STOPPED.findall(err)
+    assert [s[0] for s in stops] == ["SIGTERM", "SIGTERM"], err[-3000:]
+    assert len({s[1:] for s in stops}) == 1, err[-3000:]  # the same step and checkpoint on both ranks
     run_to_end(train_cmd(runs, "data.workers=2", nproc=2) + ["--resume", "auto"])
     assert_same_weights(final_weights(runs), straight[2])
 
