@@ -44,6 +44,7 @@ from data.encoded import EncodedImageDataset
 from data.host import usable_cores
 from data.loader import build_loader
 from data.transforms import PreprocessingKind
+from train.cli import run_guarded
 
 PIPELINES = ("torchvision", "fused", "plain")
 SIZE_RANGE = (300, 800)  # longer side, px
@@ -293,19 +294,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def job() -> None:
         if args.make_test_images is not None:
             summary = make_test_images(args.make_test_images, args.source, args.count, args.style, args.seed)
             print(json.dumps({"test_images": str(args.make_test_images), "style": args.style, "source": args.source,
                               **summary}), flush=True)
-            return 0
+            return
         print(json.dumps({"host": machine()}), flush=True)
         for line in run_benchmark(args):
             print(json.dumps(line), flush=True)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_guarded(job)  # data errors: one line, exit 2
 
 
 if __name__ == "__main__":
