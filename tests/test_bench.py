@@ -71,6 +71,7 @@ def test_bf16_channels_last_in_process(capsys: pytest.CaptureFixture) -> None:
     assert lines[1]["macs"] > lines[0]["macs"]  # more pixels, more work
 
 
+@pytest.mark.slow
 def test_interleaved_rounds_norm_paths_and_saved_memory(capsys: pytest.CaptureFixture) -> None:
     """Every (model, norm path) runs in each round; ratios to the reference come per round; the saved-activation
     count is exact, so the proxy-norm modules' extra saved tensors show against the Function's."""

@@ -302,6 +302,7 @@ def cifar(shared_cifar_tarball):
     return (build_dataset(cfg, "train", train_transform(24)), build_dataset(cfg, "val", eval_transform(24)))
 
 
+@pytest.mark.slow
 def test_shared_cifar10_tarball(cifar):
     train, val = cifar
     assert train.classes == val.classes == CIFAR_CLASSES

@@ -74,6 +74,7 @@ def uniform_ratio_box(rng: random.Random, width: int, height: int, scale, ratio)
     return Box(0, 0, width, height)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width, height", [(500, 375), (640, 160)])  # 640x160: the central fallback is common
 def test_crop_boxes_have_torchvision_random_resized_crop_distribution(width, height):
     n = 20000
@@ -120,6 +121,7 @@ def sample_boxes(files: List[bytes], size: int, per_file: int) -> List[Tuple[byt
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [64, 160])
 def test_train_crop_equals_torchvision_on_the_plain_path_and_at_dct_scale_1(jpeg_sets, size):
     scales = []

@@ -23,6 +23,9 @@ from train.cli import main as train_main
 from train.config import load_config
 from train.export import Trained, export_onnx, load_trained, main, validation_images, verify_onnx
 
+#: End-to-end command tests (real checkpoints, exports, ONNX Runtime): `make test` runs them, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,9 @@ from conftest import WandbCalls
 from train.checkpoint import find_resumable, load_checkpoint
 from train.cli import main as train_main
 
+#: End-to-end command tests (real checkpoints, exports, ONNX Runtime): `make test` runs them, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def test_best_checkpoint_is_kept_and_both_are_logged_as_artifacts(shared_cifar_tarball, tmp_path, monkeypatch,
                                                                   wandb_calls: WandbCalls):

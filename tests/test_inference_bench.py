@@ -12,6 +12,9 @@ import pytest
 from bench.inference import Engine, main, ratio
 from fake_poptorch import install
 
+#: End-to-end command tests (real checkpoints, exports, ONNX Runtime): `make test` runs them, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

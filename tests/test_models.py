@@ -22,6 +22,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b", range(8))
 def test_original_param_count_equals_torchvision(b):
     ours = build_model(ModelConfig(name=f"efficientnet-b{b}"))

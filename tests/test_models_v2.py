@@ -31,6 +31,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", "sml")
 def test_param_count_equals_torchvision(size):
     # On the meta device: only shapes matter, and V2-L has 118 M parameters.
@@ -40,6 +41,7 @@ def test_param_count_equals_torchvision(size):
     assert n_params(ours) == n_params(theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b", range(4))
 def test_base_param_count_equals_timm(b):
     timm = pytest.importorskip("timm", reason="timm is a bench-only extra (requirements-bench.txt)")

@@ -17,6 +17,9 @@ from train.export import main as export_main
 from train.predict import main
 from train.validate import main as validate_main
 
+#: End-to-end command tests (real checkpoints, exports, ONNX Runtime): `make test` runs them, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 PER_CLASS = 4
 
 

@@ -91,6 +91,7 @@ def _summary(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
 
 
+@pytest.mark.slow
 def test_subprocess_missing_tarball_skips_by_default(tmp_path):
     proc = _run_probe(tmp_path, tmp_path / "empty-shared", require=None)
     assert proc.returncode == 0, _summary(proc)
@@ -98,6 +99,7 @@ def test_subprocess_missing_tarball_skips_by_default(tmp_path):
     assert "shared data set missing" in proc.stdout, _summary(proc)
 
 
+@pytest.mark.slow
 def test_subprocess_missing_tarball_fails_when_required(tmp_path):
     proc = _run_probe(tmp_path, tmp_path / "empty-shared", require="1")
     assert proc.returncode == 1, _summary(proc)
@@ -107,6 +109,7 @@ def test_subprocess_missing_tarball_fails_when_required(tmp_path):
     assert "EFFNET_REQUIRE_SHARED=1" in proc.stdout, _summary(proc)
 
 
+@pytest.mark.slow
 def test_subprocess_present_tarball_passes_when_required(tmp_path):
     shared = tmp_path / "shared"
     (shared / "datasets").mkdir(parents=True)
