@@ -164,6 +164,27 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(tmp_path, 
     assert [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_after_a_stop_the_stop_signals_are_ignored_until_exit():
+    """torchrun's follow-up SIGTERM can arrive while Python shuts down, after it has put the default action back
+    for signals with a Python handler: only SIG_IGN survives that. Without a stop, the handlers are restored."""
+    from train.stop import STOP_SIGNALS, StopSignals
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        with StopSignals():
+            pass
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM" and stop.count == 2
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: this test process lives on
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_of_a_torchrun_job_with_workers(tmp_path, straight):
     """What Slurm and ``timeout`` do: every process, torchrun and the loader workers included, gets SIGTERM."""

@@ -56,8 +56,9 @@ class StopSignals:
                  tb: Optional[TracebackType]) -> None:
         """Restore the previous handlers, except after a stop: the process is on its way out, and a launcher's
         follow-up signal (torchrun signals the remaining ranks as soon as one exits) must not turn its exit
-        code 130 into death by signal while it cleans up."""
-        if not self.requested:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+        code 130 into death by signal while it cleans up. So the stop signals are then ignored (SIG_IGN) until the
+        process ends: Python's shutdown resets a Python-level handler to the default action before the
+        interpreter is torn down, but leaves SIG_IGN in place."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
