@@ -252,7 +252,8 @@ def test_checkpoints_move_between_fused_settings():
     on = build_model(ModelConfig(**cfg, fused_norm="on"))
     off = build_model(ModelConfig(**cfg, fused_norm="off"))
     assert list(on.state_dict()) == list(off.state_dict())
-    assert off.load_state_dict(on.state_dict()) is not None  # strict: raises on a missing or unexpected key
+    loaded = off.load_state_dict(on.state_dict())  # strict: a missing or unexpected key raises
+    assert loaded.missing_keys == [] and loaded.unexpected_keys == []
     assert [p.shape for p in on.parameters()] == [p.shape for p in off.parameters()]
 
 
