@@ -44,6 +44,8 @@ SDK34_STAMP := $(SDK34_VENV)/.effnet-installed
 # ---- data -----------------------------------------------------------------------
 FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 FMNIST_PKG  := dataset-fashion-mnist
+# What the JPEG region decoder (data/jpeg_region.c, built on first use) compiles with; optional.
+JPEG_PKGS   := gcc libjpeg62-turbo-dev
 
 # ---- pass-through arguments -----------------------------------------------------
 PYTEST_ARGS ?=
@@ -51,7 +53,7 @@ TRAIN_ARGS  ?=
 TRAIN_CONFIG ?= configs/demo-fashion-mnist.yml
 BENCH_ARGS  ?=
 
-.PHONY: help venv venv-sdk34 data train test test-fast test-sdk34 lint bench lock lock-sdk34 \
+.PHONY: help venv venv-sdk34 data jpeg train test test-fast test-sdk34 lint bench lock lock-sdk34 \
         venv-path venv-prune clean
 
 help: ## list the targets
@@ -141,21 +143,34 @@ data: ## make sure Fashion-MNIST is installed (Debian package dataset-fashion-mn
 	apt-get install -y $(FMNIST_PKG) </dev/null || { apt-get update </dev/null && apt-get install -y $(FMNIST_PKG) </dev/null; }; \
 	[ -f "$$f" ] || { echo "error: $(FMNIST_PKG) installed but $$f is still missing" >&2; exit 1; }
 
+jpeg: ## make sure a C compiler and libjpeg's headers are there for the JPEG region decoder (optional)
+	@cc="$${CC:-cc}"; \
+	has() { printf '#include <stdio.h>\n#include <jpeglib.h>\n' | $$cc -E -x c - >/dev/null 2>&1; }; \
+	if has; then echo "JPEG region decoder: $$cc and jpeglib.h found"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "note: no C compiler or no jpeglib.h, so JPEG crops decode in full (slower, same pixels);" \
+	       "install with: sudo apt-get install -y $(JPEG_PKGS)" >&2; exit 0; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	echo "==> apt-get install -y $(JPEG_PKGS)"; \
+	apt-get install -y $(JPEG_PKGS) </dev/null || { apt-get update </dev/null && apt-get install -y $(JPEG_PKGS) </dev/null; } \
+	  || echo "note: could not install $(JPEG_PKGS); JPEG crops decode in full (slower, same pixels)" >&2
+
 # ---- run ------------------------------------------------------------------------
-train: venv data ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)
+train: venv data jpeg ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)
 	"$(PY)" -m train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
-test: venv data ## run the test suite in the reference venv (PYTEST_ARGS)
+test: venv data jpeg ## run the test suite in the reference venv (PYTEST_ARGS)
 	"$(PY)" -m pytest $(PYTEST_ARGS)
 
-test-fast: venv data ## the quick tier for the edit-test loop: every test not marked slow (PYTEST_ARGS)
+test-fast: venv data jpeg ## the quick tier for the edit-test loop: every test not marked slow (PYTEST_ARGS)
 	"$(PY)" -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: venv ## static checks: ruff (lint, import order) and mypy (models, data, ipu_options, train)
 	"$(PY)" -m ruff check .
 	"$(PY)" -m mypy
 
-test-sdk34: venv-sdk34 data ## run the tests under Python 3.10 + torch 2.0.1, minus needs_new_torch
+test-sdk34: venv-sdk34 data jpeg ## run the tests under Python 3.10 + torch 2.0.1, minus needs_new_torch
 	"$(SDK34_PY)" -m pytest -m "not needs_new_torch" $(PYTEST_ARGS)
 
 bench: venv ## throughput benchmark: python -m bench.throughput $(BENCH_ARGS)

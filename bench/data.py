@@ -8,7 +8,8 @@ Runs, in one process and interleaved repeat by repeat, a plain torchvision pipel
 line: ``images_per_s`` (median over the repeats), ``images_per_s_per_worker``, the per-image time split measured
 in the main process (``read_ms`` / ``decode_ms`` / ``augment_ms`` / ``collate_ms``; the project's decode includes
 its crop and resize, which the fused path does at the decoded scale) and ``ratio_vs_torchvision`` (median of the
-per-repeat ratios, so a load change on a shared machine hits both sides of a ratio alike).
+per-repeat ratios, so a load change on a shared machine hits both sides of a ratio alike; ``ratio_range`` their
+lowest and highest).
 
 ``--make-test-images DIR`` writes an ImageNet-sized JPEG set (train/ and val/, sizes 300-800 px, quality 75-95)
 from real images: the CIFAR-10 tarball or folder given by ``--source``, or Fashion-MNIST (``--source
@@ -39,7 +40,7 @@ from torchvision import transforms
 
 from data import DataConfig, DataError, build_dataset, build_transform
 from data.base import to_rgb  # the same conversion the pipeline uses
-from data.decode import JPEG_DECODER, can_decode_scaled, dct_scale
+from data.decode import JPEG_DECODERS, can_decode_scaled, dct_scale, decoder_unavailable, resolve_jpeg_decoder
 from data.encoded import EncodedImageDataset
 from data.host import usable_cores
 from data.loader import build_loader
@@ -199,19 +200,21 @@ def images_per_s(loader: Iterator, images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def machine() -> Dict[str, object]:
+def machine(jpeg_decoder: str) -> Dict[str, object]:
     model = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return {"machine": platform.machine(), "cpu": model, "cores_usable": usable_cores(),
             "python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "jpeg_decoder": JPEG_DECODER,
+            "jpeg_decoder": resolve_jpeg_decoder(jpeg_decoder),
+            "jpeg_decoders_unavailable": {n: decoder_unavailable(n) for n in JPEG_DECODERS if decoder_unavailable(n)},
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_benchmark(args: argparse.Namespace) -> List[Dict[str, object]]:
-    cfg = DataConfig(dataset="tar" if os.path.isfile(args.data) else "imagefolder", path=args.data)
+    cfg = DataConfig(dataset="tar" if os.path.isfile(args.data) else "imagefolder", path=args.data,
+                     jpeg_decoder=args.jpeg_decoder)
     kind: PreprocessingKind = "train" if args.split == "train" else "eval"
     files = build_dataset(cfg, args.split, build_transform(kind, args.resolution, cfg))
     if not isinstance(files, EncodedImageDataset):
@@ -231,7 +234,7 @@ def run_benchmark(args: argparse.Namespace) -> List[Dict[str, object]]:
     for repeat in range(args.repeats):
         for name in pipelines:
             rates[name].append(images_per_s(iter(make_loader(name, datasets[name], args, repeat)), args.images))
-    sample = list(range(min(args.split_images, len(files))))
+    sample = random.Random(args.seed).sample(range(len(files)), min(args.split_images, len(files)))  # every class
     lines = []
     for name in pipelines:
         median = statistics.median(rates[name])
@@ -244,6 +247,7 @@ def run_benchmark(args: argparse.Namespace) -> List[Dict[str, object]]:
         if "torchvision" in rates:
             ratios = [a / b for a, b in zip(rates[name], rates["torchvision"])]
             line["ratio_vs_torchvision"] = round(statistics.median(ratios), 3)
+            line["ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]  # how far the repeats spread
         lines.append(line)
     return lines
 
@@ -269,6 +273,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every pipeline")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"some of {', '.join(PIPELINES)}")
+    parser.add_argument("--jpeg-decoder", choices=("auto",) + JPEG_DECODERS, default="auto",
+                        help="the project's JPEG decoder (data.jpeg_decoder)")
     parser.add_argument("--split-images", type=int, default=200, help="images the time split is measured on")
     parser.add_argument("--make-test-images", metavar="DIR", type=Path,
                         help="write an ImageNet-sized JPEG set to DIR from --source, then exit")
@@ -277,7 +283,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=1000, help="--make-test-images: training images (val: 1/5)")
     parser.add_argument("--style", choices=("resized", "mosaic"), default="resized",
                         help="--make-test-images: one source image scaled up, or source images tiled at native size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--make-test-images: what it draws; a benchmark: which images the time split uses")
     args = parser.parse_args(argv)
     if args.make_test_images is None and not args.data:
         parser.error("give --data PATH (or --make-test-images DIR)")
@@ -301,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps({"test_images": str(args.make_test_images), "style": args.style, "source": args.source,
                               **summary}), flush=True)
             return
-        print(json.dumps({"host": machine()}), flush=True)
+        print(json.dumps({"host": machine(args.jpeg_decoder)}), flush=True)
         for line in run_benchmark(args):
             print(json.dumps(line), flush=True)
 

@@ -6,13 +6,21 @@ box needs: libjpeg can run its inverse DCT at 1/2, 1/4 or 1/8 scale, which skips
 the output. The box distribution is torchvision's ``RandomResizedCrop`` exactly; only the random numbers come
 from a keyed :class:`random.Random` instead of the global torch RNG.
 
-The decoder is libjpeg-turbo either way: through ``simplejpeg`` when it is installed (it decodes straight into
-a buffer that Pillow then shares, which measured faster, with the same pixels), else through Pillow's
-``draft()``.
+The decoder is libjpeg-turbo in every case (``data.jpeg_decoder``; all give the same pixels):
+
+- ``region``: only the crop's rows and iMCU columns (:mod:`data.jpeg_region`, a small C library built on first
+  use), which also skips the pixel work outside the crop; a crop that needs the whole frame (every eval box)
+  goes the ``simplejpeg`` way;
+- ``simplejpeg``: the whole frame, straight into a buffer that Pillow then shares;
+- ``pillow``: the whole frame through Pillow's ``draft()``, the zero-dependency route.
+
+``auto`` takes the first of these that works here. A file either fast decoder declines (a libjpeg warning or
+error anywhere in the file) goes to Pillow, so it fails or passes exactly as it would there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from io import BytesIO
@@ -21,14 +29,17 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from data import jpeg_region
 from data.base import to_rgb
+from data.errors import DataError
 
 try:
     import simplejpeg
 except ImportError:  # an accelerator, not a requirement: Pillow decodes the same pixels, a little slower
     simplejpeg = None
 
-JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "pillow"
+#: ``data.jpeg_decoder`` values other than ``auto``, in the order ``auto`` tries them.
+JPEG_DECODERS = ("region", "simplejpeg", "pillow")
 
 DCT_SCALES = (8, 4, 2)  # what libjpeg's scaled inverse DCT offers below full size, largest first
 CROP_TRIES = 10  # torchvision's RandomResizedCrop: attempts before its central-crop fallback
@@ -103,33 +114,103 @@ def can_decode_scaled(image: Image.Image) -> bool:
             and not image.info.get("progressive") and not image.info.get("progression"))
 
 
+def decoder_unavailable(name: str) -> str:
+    """Empty where the ``data.jpeg_decoder`` ``name`` works on this machine, else why it does not."""
+    if name == "region":
+        return jpeg_region.unavailable_reason()
+    if name == "simplejpeg" and simplejpeg is None:
+        return "simplejpeg is not installed (pip install simplejpeg)"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_jpeg_decoder(name: str) -> str:
+    """``data.jpeg_decoder`` as the decoder that runs: ``auto`` is the first of :data:`JPEG_DECODERS` available
+    here; a named one must be available (:class:`DataError` otherwise, saying why not)."""
+    if name == "auto":
+        return next(n for n in JPEG_DECODERS if not decoder_unavailable(n))
+    if name not in JPEG_DECODERS:
+        raise DataError(f"data.jpeg_decoder: {name!r} is not a decoder; expected auto or one of "
+                        f"{', '.join(JPEG_DECODERS)}")
+    reason = decoder_unavailable(name)
+    if reason:
+        raise DataError(f"data.jpeg_decoder: {name!r} is not available here: {reason} (auto picks what works)")
+    return name
+
+
 def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_box: bool,
-                    fused: bool = True, resample: int = Image.Resampling.BILINEAR) -> Image.Image:
-    """``box`` of the (not yet decoded) ``image`` resized to ``resolution`` x ``resolution``, as RGB.
+                    fused: bool = True, decoder: str = "auto",
+                    resample: int = Image.Resampling.BILINEAR) -> Image.Image:
+    """``box`` of the (not yet decoded) ``image`` resized to ``resolution`` x ``resolution``: an RGB image, or RGBX
+    (the same pixels plus a padding byte, the fast decoders' layout, which is also how Pillow stores RGB).
 
     ``clip_to_box``: the resize filter sees only the box (torchvision's crop-then-resize, the training crop);
     otherwise it may reach past the box edges like a resize of the whole image followed by a crop (the eval
     transform). ``resample`` is Pillow's filter (bilinear, or bicubic for the eval transform). With ``fused`` and a
-    plain JPEG, the decode runs at :func:`dct_scale`, which only ever leaves a downscale for the filter; at scale
-    1, or on the plain path, the pixels are exactly torchvision's.
+    plain JPEG, the decode runs at :func:`dct_scale`, which only ever leaves a downscale for the filter, through
+    ``decoder`` (a ``data.jpeg_decoder`` value); at scale 1, or on the plain path, the pixels are exactly
+    torchvision's.
     """
-    factor = 1.0
     if fused and can_decode_scaled(image):
-        factor = dct_scale(box, resolution)
-        decoded = _decode_with_simplejpeg(image, factor)
-        if decoded is not None:
-            image = decoded
-        else:
-            factor = _decode_with_pillow(image, factor)
+        # Only auto is resolved here: a named decoder was checked where the transform was built, and one that is
+        # missing in this process (a worker on another host) must not make every file look corrupt.
+        decoder = resolve_jpeg_decoder(decoder) if decoder == "auto" else decoder
+        source = getattr(image, "fp", None)
+        if decoder == "region" and isinstance(source, BytesIO):
+            resized = resize_jpeg_region(source.getvalue(), image.size, box, resolution, clip_to_box=clip_to_box,
+                                         resample=resample)
+            if resized is not None:
+                return resized
+        image, factor = _decode_frame(image, dct_scale(box, resolution), decoder != "pillow")
     else:
-        image = to_rgb(image)
+        image, factor = to_rgb(image), 1.0
     region = box.scaled(factor)
-    if clip_to_box:
-        whole = (int(region[0]), int(region[1]), min(math.ceil(region[2]), image.width),
-                 min(math.ceil(region[3]), image.height))
-        image = image.crop(whole)
-        region = (region[0] - whole[0], region[1] - whole[1], region[2] - whole[0], region[3] - whole[1])
-    return to_rgb(image.resize((resolution, resolution), resample, box=region))
+    rect = _enclosing_rect(region, image.size, clip_to_box)
+    return _resize(image if rect == (0, 0, *image.size) else image.crop(rect), rect, region, resolution, resample)
+
+
+def resize_jpeg_region(data: bytes, size: Tuple[int, int], box: Box, resolution: int, *, clip_to_box: bool,
+                       resample: int) -> Optional[Image.Image]:
+    """:func:`crop_and_resize` through the region decoder, on a plain JPEG's bytes (``size``: its width and
+    height): only the part of the frame the resize reads is decoded, at :func:`dct_scale`. None where that is the
+    whole frame (simplejpeg's newer libjpeg-turbo decodes whole frames faster) or the decoder declines."""
+    scale = dct_scale(box, resolution)
+    scaled = (-(-size[0] // scale), -(-size[1] // scale))
+    region = box.scaled(scale)
+    rect = _enclosing_rect(region, scaled, clip_to_box)
+    if rect == (0, 0, *scaled):
+        return None
+    pixels = jpeg_region.decode_region(data, scale, rect)
+    if pixels is None:
+        return None
+    cut = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGBX", 0, 1)  # shared
+    return _resize(cut, rect, region, resolution, resample)
+
+
+def _resize(cut: Image.Image, rect: jpeg_region.Rect, region: Tuple[float, float, float, float], resolution: int,
+            resample: int) -> Image.Image:
+    """``cut`` (the pixels ``rect`` of the decoded frame) resized so that ``region`` of the frame fills the output."""
+    inside = (region[0] - rect[0], region[1] - rect[1], region[2] - rect[0], region[3] - rect[1])
+    return cut.resize((resolution, resolution), resample, box=inside)
+
+
+def _enclosing_rect(region: Tuple[float, float, float, float], size: Tuple[int, int],
+                    clip_to_box: bool) -> jpeg_region.Rect:
+    """The whole decoded pixels the resize reads: those under ``region`` when the filter is clipped to the box,
+    else the whole image (the filter may reach past the box)."""
+    if not clip_to_box:
+        return (0, 0, size[0], size[1])
+    return (int(region[0]), int(region[1]), min(math.ceil(region[2]), size[0]), min(math.ceil(region[3]), size[1]))
+
+
+def _decode_frame(image: Image.Image, scale: int, try_simplejpeg: bool) -> Tuple[Image.Image, float]:
+    """The whole of ``image`` decoded at ``scale`` (simplejpeg first if asked, else or on its refusal Pillow), and
+    the scale that was applied."""
+    decoded = _decode_with_simplejpeg(image, scale) if try_simplejpeg else None
+    if decoded is not None:
+        return decoded, float(scale)
+    factor = _decode_with_pillow(image, scale)
+    return image, factor
 
 
 def _decode_with_pillow(image: Image.Image, scale: int) -> float:

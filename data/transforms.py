@@ -15,12 +15,14 @@ import random
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
+from data.base import to_rgb
 from data.config import DataConfig
-from data.decode import Box, crop_and_resize, random_resized_crop_box, resize_then_center_crop_box
+from data.decode import Box, crop_and_resize, random_resized_crop_box, resize_then_center_crop_box, resolve_jpeg_decoder
 from data.errors import DataError
 from data.seeding import derive_seed, torch_rng_seeded
 
@@ -35,11 +37,16 @@ def eval_resize(resolution: int, crop_pct: float) -> int:
     return math.floor(resolution / crop_pct)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a contiguous [3, H, W] uint8 tensor, from its planes (Pillow splits the bands in C, which
-    beats transposing an HWC buffer here or, worse, inside the batch stack)."""
-    planes = b"".join(band.tobytes() for band in image.split())
-    return torch.frombuffer(bytearray(planes), dtype=torch.uint8).view(3, image.height, image.width)
+def image_to_tensor(image: Image.Image, *, mirror: bool = False) -> torch.Tensor:
+    """An RGB (or RGBX) image as a contiguous [3, H, W] uint8 tensor, mirrored left to right if asked: Pillow's raw
+    pixels, then one strided copy into channel-first order, which measured 3x faster than splitting the bands and
+    flipping in Pillow."""
+    if image.mode not in ("RGB", "RGBX"):
+        raise ValueError(f"image_to_tensor takes RGB or RGBX images, got mode {image.mode!r}")
+    pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.height, image.width, -1)
+    if mirror:
+        pixels = pixels[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(pixels[:, :, :3].transpose(2, 0, 1)))
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Preprocessing:
     hflip: bool = True
     randaugment: int = 0  # magnitude (of 30 bins) for 2 ops; 0 = off
     fused_decode: bool = True
+    jpeg_decoder: str = "auto"  # a data.jpeg_decoder value (see data.decode)
     crop_pct: float = 0.875  # eval: centre crop share of the resized shorter side
     interpolation: str = "bilinear"  # eval: the resize filter (a key of RESAMPLE)
 
@@ -75,22 +83,24 @@ class Preprocessing:
                                            self.resolution)
 
     def region(self, image: Image.Image, draws: random.Random) -> Image.Image:
-        """Decode ``image`` and cut the S x S RGB region; where corrupt files fail (a ``DECODE_ERRORS``)."""
+        """Decode ``image`` and cut the S x S region (RGB or RGBX); where corrupt files fail (a ``DECODE_ERRORS``)."""
         train = self.kind == "train"
         return crop_and_resize(image, self.box(image.width, image.height, draws), self.resolution,
-                               clip_to_box=train, fused=self.fused_decode,
+                               clip_to_box=train, fused=self.fused_decode, decoder=self.jpeg_decoder,
                                resample=RESAMPLE["bilinear" if train else self.interpolation])
 
     def finish(self, region: Image.Image, draws: random.Random, seed: Optional[int]) -> torch.Tensor:
-        """Flip and RandAugment (training only), then the tensor."""
-        if self.kind == "train":
-            if self.hflip and draws.random() < 0.5:
+        """Flip and RandAugment (training only), then the tensor. Without RandAugment the flip happens in the
+        copy to the tensor (same pixels, one copy fewer)."""
+        mirror = self.kind == "train" and self.hflip and draws.random() < 0.5
+        if self.kind == "train" and self.randaugment:
+            if mirror:
                 region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if self.randaugment:
-                # torchvision's RandAugment draws from the global torch RNG: seed it from the key too.
-                with torch_rng_seeded(None if seed is None else derive_seed(seed, 1)):
-                    region = self._randaugment(region)
-        return image_to_tensor(region)
+            mirror = False
+            # torchvision's RandAugment draws from the global torch RNG: seed it from the key too.
+            with torch_rng_seeded(None if seed is None else derive_seed(seed, 1)):
+                region = self._randaugment(to_rgb(region))
+        return image_to_tensor(region, mirror=mirror)
 
     def __call__(self, image: Image.Image, seed: Optional[int] = None) -> torch.Tensor:
         draws = self.draws(seed)
@@ -111,7 +121,9 @@ def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: Data
     if preprocessing not in ("train", "eval"):
         raise DataError(f"preprocessing must be 'train' or 'eval', got {preprocessing!r}")
     magnitude = cfg.randaugment if randaugment is None else randaugment
+    decoder = resolve_jpeg_decoder(cfg.jpeg_decoder) if cfg.fused_decode else cfg.jpeg_decoder
     return Preprocessing(preprocessing, resolution, crop_scale=tuple(cfg.crop_scale),  # type: ignore[arg-type]
                          crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,  # type: ignore[arg-type]
                          randaugment=int(round(magnitude)) if magnitude and preprocessing == "train" else 0,
-                         fused_decode=cfg.fused_decode, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation)
+                         fused_decode=cfg.fused_decode, jpeg_decoder=decoder, crop_pct=cfg.eval_crop_pct,
+                         interpolation=cfg.interpolation)

@@ -56,15 +56,28 @@ def require_shared() -> bool:
     return os.environ.get(REQUIRE_SHARED_ENV, "").strip().lower() in _TRUE
 
 
-def skip_or_fail(reason: str) -> None:
-    """``pytest.skip(reason)``, or ``pytest.fail`` when ``EFFNET_REQUIRE_SHARED=1``.
+def skip_or_fail(reason: str, require_env: str = REQUIRE_SHARED_ENV) -> None:
+    """``pytest.skip(reason)``, or ``pytest.fail`` when ``require_env`` (default ``EFFNET_REQUIRE_SHARED``) is 1.
 
-    Never returns. Use it for any test precondition on shared data.
+    Never returns. Use it for any test precondition on shared data (or, with its own variable, on the machine).
     """
-    if require_shared():
-        pytest.fail(f"{reason} [{REQUIRE_SHARED_ENV}=1 makes this a failure, not a skip]",
-                    pytrace=False)
+    if os.environ.get(require_env, "").strip().lower() in _TRUE:
+        pytest.fail(f"{reason} [{require_env}=1 makes this a failure, not a skip]", pytrace=False)
     pytest.skip(reason)
+
+
+#: Environment variable that turns "the JPEG region decoder cannot be built here" skips into failures.
+REQUIRE_JPEG_REGION_ENV = "EFFNET_REQUIRE_JPEG_REGION"
+
+
+def needs_jpeg_region() -> None:
+    """Skip (or, with ``EFFNET_REQUIRE_JPEG_REGION=1`` as ``.ci/run`` sets it, fail) where ``data.jpeg_region``
+    cannot be built: no C compiler or no libjpeg headers."""
+    from data import jpeg_region
+
+    reason = jpeg_region.unavailable_reason()
+    if reason:
+        skip_or_fail(f"the JPEG region decoder is not available here: {reason}", REQUIRE_JPEG_REGION_ENV)
 
 
 def find_shared_cifar_tarball() -> Path:

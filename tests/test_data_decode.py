@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Tuple
 
@@ -18,7 +21,8 @@ from torchvision.transforms import functional as F
 
 import data.decode as decode
 from bench.data import make_test_images
-from data import DataConfig, DataError, build_dataset, build_transform
+from conftest import REPO_ROOT, needs_jpeg_region
+from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region
 from data.decode import Box, can_decode_scaled, dct_scale, random_resized_crop_box, resize_then_center_crop_box
 from data.transforms import image_to_tensor
 
@@ -108,8 +112,9 @@ def torchvision_eval(image: Image.Image, size: int) -> torch.Tensor:
     return pipeline(image.convert("RGB"))
 
 
-def region(data: bytes, box: Box, size: int, fused: bool, clip: bool = True) -> torch.Tensor:
-    return image_to_tensor(decode.crop_and_resize(opened(data), box, size, clip_to_box=clip, fused=fused))
+def region(data: bytes, box: Box, size: int, fused: bool, clip: bool = True, decoder: str = "auto") -> torch.Tensor:
+    return image_to_tensor(decode.crop_and_resize(opened(data), box, size, clip_to_box=clip, fused=fused,
+                                                  decoder=decoder))
 
 
 def sample_boxes(files: List[bytes], size: int, per_file: int) -> List[Tuple[bytes, Box]]:
@@ -207,35 +212,195 @@ def test_odd_files_take_the_plain_path(jpeg_sets):
         assert torch.equal(region(data, box, size, fused=True), torchvision_train(opened(data), box, size)), name
 
 
-def test_simplejpeg_and_pillow_give_the_same_pixels(jpeg_sets, monkeypatch):
-    pytest.importorskip("simplejpeg")
-    samples = sample_boxes(jpeg_files(jpeg_sets), 64, per_file=2)
-    with_simplejpeg = [region(data, box, 64, fused=True) for data, box in samples]
-    monkeypatch.setattr(decode, "simplejpeg", None)
-    for (data, box), expected in zip(samples, with_simplejpeg):
-        assert torch.equal(region(data, box, 64, fused=True), expected)
+def needs_decoder(name: str) -> None:
+    if name == "region":
+        needs_jpeg_region()
+    elif name == "simplejpeg":
+        pytest.importorskip("simplejpeg")
 
 
-@pytest.mark.parametrize("accelerated", [True, False])
-def test_truncated_jpeg_is_named_as_corrupt_on_either_route(jpeg_sets, tmp_path, monkeypatch, accelerated):
-    if not accelerated:
-        monkeypatch.setattr(decode, "simplejpeg", None)
+def variants(photo: Image.Image) -> List[bytes]:
+    """The chroma layouts libjpeg upsamples differently (4:2:0, 4:2:2, 4:4:4), also at a size that leaves partial
+    iMCUs on the right and bottom edges."""
+    odd = photo.crop((0, 0, photo.width - 5, photo.height - 3))
+    return [encode(image, format="JPEG", quality=q, subsampling=sub) for image in (photo, odd)
+            for q, sub in ((90, 2), (80, 1), (95, 0))]
+
+
+def test_region_decode_equals_the_same_region_of_a_full_decode_at_every_dct_scale(jpeg_sets):
+    """Pixel for pixel against Pillow's full decode at that scale, on random rectangles (edges and single rows
+    or columns included): where the decoder crops columns, smooth chroma upsampling needs the neighbouring
+    iMCU, which jpeg_region.c asks for (docs/data.md)."""
+    needs_jpeg_region()
+    rng = random.Random(0)
+    checked = 0
+    for data in jpeg_files(jpeg_sets)[:6] + variants(opened(jpeg_files(jpeg_sets)[0]).convert("RGB")):
+        for scale in (1, 2, 4, 8):
+            image = opened(data)
+            image.draft("RGB", (image.width // scale, image.height // scale))
+            full = np.asarray(image.convert("RGB"))
+            height, width = full.shape[:2]
+            edges = [(1, 1, 0, 0), (width, 1, 0, height - 1), (1, height, width - 1, 0), (width, height, 0, 0)]
+            for k in range(10):
+                w, h, left, top = edges[k] if k < len(edges) else (rng.randint(1, width), rng.randint(1, height),
+                                                                   None, None)
+                left = rng.randint(0, width - w) if left is None else left
+                top = rng.randint(0, height - h) if top is None else top
+                pixels = jpeg_region.decode_region(data, scale, (left, top, left + w, top + h))
+                assert pixels is not None and (pixels[:, :, 3] == 255).all()
+                np.testing.assert_array_equal(pixels[:, :, :3], full[top:top + h, left:left + w])
+                checked += 1
+    assert checked == 4 * 10 * 12
+
+
+@pytest.mark.parametrize("size, clip", [(64, True), (160, True), (224, False)])
+def test_every_jpeg_decoder_gives_the_same_pixels(jpeg_sets, size, clip, monkeypatch):
+    """region, simplejpeg and Pillow, through the whole crop + resize, for training and eval boxes; training crops
+    must really have gone through the region decoder."""
+    needs_jpeg_region()
+    fast = ["region"] + (["simplejpeg"] if decode.simplejpeg is not None else [])
+    regions = []
+    decode_region = jpeg_region.decode_region
+    monkeypatch.setattr(jpeg_region, "decode_region", lambda *args: regions.append(args) or decode_region(*args))
+    if clip:
+        samples = sample_boxes(jpeg_files(jpeg_sets), size, per_file=2)
+    else:
+        samples = [(data, resize_then_center_crop_box(*opened(data).size, int(size * 256 / 224), size))
+                   for data in jpeg_files(jpeg_sets)]
+    for data, box in samples:
+        expected = region(data, box, size, fused=True, clip=clip, decoder="pillow")
+        for name in fast:
+            assert torch.equal(region(data, box, size, fused=True, clip=clip, decoder=name), expected), name
+    assert len(regions) >= (len(samples) // 2 if clip else 0)  # eval boxes need the whole frame: simplejpeg's
+
+
+def damaged(data: bytes, rng: random.Random, kind: int) -> bytes:
+    """``data`` with one flipped bit, an inserted marker, or 40 zero bytes in the second half of its scan."""
+    out = bytearray(data)
+    scan = data.find(b"\xff\xda")
+    at = rng.randint(scan + (len(data) - scan) // 2, len(data) - 42)
+    if kind == 0:
+        out[at] ^= 1 << rng.randint(0, 7)
+    elif kind == 1:
+        out[at:at] = bytes([0xFF, rng.choice([0xC0, 0xC4, 0xD9, 0xDA, 0xDB])])
+    else:
+        out[at:at + 40] = bytes(40)
+    return bytes(out)
+
+
+def test_damage_below_the_crop_fails_or_passes_as_in_pillow(jpeg_sets):
+    """The region decoder stops caring about pixels below the crop, not about the file: it entropy-decodes and
+    finishes the rest (docs/data.md), so a damaged file raises where Pillow raises and gives Pillow's pixels
+    where Pillow passes, whatever the crop."""
+    needs_jpeg_region()
+    rng = random.Random(3)
+    outcomes = {"raised": 0, "passed": 0}
+    for data in jpeg_files(jpeg_sets)[:3] + jpeg_files(jpeg_sets)[-3:]:
+        width, height = opened(data).size
+        box = Box(10, 10, min(200, width - 20), height // 4)  # the top of the image: the damage is below it
+        for k in range(24):
+            bad = damaged(data, rng, k % 3)
+            results = []
+            for name in ("pillow", "region"):
+                try:
+                    results.append(region(bad, box, 64, fused=True, decoder=name))
+                except OSError:
+                    results.append(None)
+            if results[0] is None:
+                assert results[1] is None
+                outcomes["raised"] += 1
+            else:
+                assert results[1] is not None and torch.equal(results[0], results[1])
+                outcomes["passed"] += 1
+    assert outcomes["raised"] >= 10 and outcomes["passed"] >= 10, outcomes
+
+
+def test_bytes_after_the_end_marker_change_nothing(jpeg_sets):
+    needs_jpeg_region()
+    data = jpeg_files(jpeg_sets)[2]
+    padded = data + b"trailing bytes"
+    np.testing.assert_array_equal(jpeg_region.decode_region(padded, 1, (3, 5, 40, 30)),
+                                  jpeg_region.decode_region(data, 1, (3, 5, 40, 30)))
+    box = Box(10, 20, 200, 150)
+    assert torch.equal(region(padded, box, 64, fused=True, decoder="region"),
+                       region(data, box, 64, fused=True, decoder="pillow"))
+
+
+@pytest.mark.parametrize("decoder", decode.JPEG_DECODERS)
+def test_truncated_jpeg_is_named_as_corrupt_with_every_decoder(jpeg_sets, tmp_path, decoder):
+    """Also where the crop lies above the cut: the region decoder reads on to the end of the file and declines."""
+    needs_decoder(decoder)
     data = jpeg_files(jpeg_sets)[1]
     for split in ("train", "val"):
         (tmp_path / split / "a").mkdir(parents=True)
         (tmp_path / split / "a" / "whole.jpg").write_bytes(data)
     bad = tmp_path / "train" / "a" / "cut.jpg"
-    bad.write_bytes(data[:len(data) // 2])
-    cfg = DataConfig(dataset="imagefolder", path=str(tmp_path))
+    bad.write_bytes(data[:len(data) * 3 // 4])
+    cfg = DataConfig(dataset="imagefolder", path=str(tmp_path), jpeg_decoder=decoder)
     train = build_dataset(cfg, "train", build_transform("train", 32, cfg))
+    assert train.transform.jpeg_decoder == decoder
+    top_box = Box(0, 0, 64, 32)  # rows that the cut file still has
+    if decoder == "region":
+        assert jpeg_region.decode_region(bad.read_bytes(), 1, (0, 0, 64, 32)) is None
+    with pytest.raises(OSError):
+        decode.crop_and_resize(opened(bad.read_bytes()), top_box, 32, clip_to_box=True, decoder=decoder)
     with pytest.raises(DataError, match=f"corrupt image {bad}"):
         train[0]
     assert train[1][0].shape == (3, 32, 32)
 
 
-def test_image_to_tensor_is_channels_first_and_contiguous():
+def build_in_subprocess(tmp_path: Path, cc: str) -> subprocess.CompletedProcess:
+    """What a fresh process on a machine with this ``CC`` (and an empty cache) makes of the decoders."""
+    code = ("from data import decode, jpeg_region\n"
+            "print(repr(jpeg_region.unavailable_reason()))\n"
+            "print(decode.resolve_jpeg_decoder('auto'))\n")
+    env = {**os.environ, "CC": cc, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_a_compiler_auto_falls_back_and_region_is_a_one_line_error(tmp_path):
+    done = build_in_subprocess(tmp_path, str(tmp_path / "no-such-cc"))
+    assert done.returncode == 0, done.stderr
+    reason, fallback = done.stdout.splitlines()
+    assert "no C compiler" in reason and "no-such-cc" in reason
+    assert fallback == ("simplejpeg" if decode.simplejpeg is not None else "pillow")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "train", "--config", "configs/models/efficientnet-b0-g16-ln-pn.yml",
+                           "--print-config", "--set", "data.jpeg_decoder=region"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: data.jpeg_decoder: 'region' is not available here: no C compiler"), line
+
+
+def test_a_failed_compile_names_the_cause_and_a_good_one_is_built_once(tmp_path):
+    needs_jpeg_region()
+    broken = build_in_subprocess(tmp_path, "cc -nostdinc")  # no system headers: as if libjpeg-dev were missing
+    assert "compiling jpeg_region.c failed" in broken.stdout.splitlines()[0], broken.stdout + broken.stderr
+    assert not list((tmp_path / "cache").rglob("*.so*")), "a failed build left files behind"
+    cc = os.environ.get("CC", "").strip() or "cc"
+    first = build_in_subprocess(tmp_path, cc)
+    assert first.stdout.splitlines() == ["''", "region"], first.stdout + first.stderr
+    (built,) = (tmp_path / "cache" / "effnet-ipu" / "jpeg-region").glob("*.so")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert built.stat().st_mode & 0o777 == 0o755 & ~umask  # not mkstemp's 0600: a shared cache serves every user
+    stamp = built.stat().st_mtime_ns
+    assert build_in_subprocess(tmp_path, cc).stdout.splitlines() == ["''", "region"]
+    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_image_to_tensor_is_channels_first_and_contiguous_from_rgb_or_rgbx_and_mirrors():
     pixels = np.random.default_rng(0).integers(0, 255, (7, 5, 3), dtype=np.uint8)
-    tensor = image_to_tensor(Image.fromarray(pixels))
-    assert tensor.is_contiguous() and torch.equal(tensor, torch.from_numpy(pixels).permute(2, 0, 1))
+    expected = torch.from_numpy(pixels).permute(2, 0, 1)
+    for image in (Image.fromarray(pixels), Image.fromarray(pixels).convert("RGBX")):
+        tensor = image_to_tensor(image)
+        assert tensor.is_contiguous() and torch.equal(tensor, expected)
+        assert torch.equal(image_to_tensor(image, mirror=True), expected.flip(2))
+        assert torch.equal(image_to_tensor(image, mirror=True),
+                           image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    with pytest.raises(ValueError, match="mode 'L'"):
+        image_to_tensor(Image.fromarray(pixels).convert("L"))
 
 

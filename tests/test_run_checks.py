@@ -125,6 +125,8 @@ def test_print_config_shows_what_the_recipe_resolves_to():
                  "--set", "train.resolution=half")
     assert done.returncode == 0, done.stderr
     assert "#   phase train: 160 px" in done.stdout
+    (decoder,) = [line for line in done.stdout.splitlines() if line.startswith("#   JPEG decoder: ")]
+    assert decoder.split(": ")[1] in ("region", "simplejpeg", "pillow")
 
 
 # --------------------------------------------------------------------------------------------------- resume

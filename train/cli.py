@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data import DataError
+from data.decode import resolve_jpeg_decoder
 from ipu_options.plan import PlanError
 
 from .backends import BackendError
@@ -117,6 +118,8 @@ def print_config(config: Optional[str], overrides: List[str]) -> None:
     print("# resolved (comments, not keys):")
     for line in describe_plan(plan, launch_world_size()):
         print(f"#   {line}")
+    if cfg.data.fused_decode:  # auto becomes a decoder here; a named one that cannot run is an error here
+        print(f"#   JPEG decoder: {resolve_jpeg_decoder(cfg.data.jpeg_decoder)}")
 
 
 def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
