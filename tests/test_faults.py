@@ -166,7 +166,9 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(tmp_path, 
 
 def test_after_a_stop_the_stop_signals_are_ignored_until_exit():
     """torchrun's follow-up SIGTERM can arrive while Python shuts down, after it has put the default action back
-    for signals with a Python handler: only SIG_IGN survives that. Without a stop, the handlers are restored."""
+    for signals with a Python handler: only SIG_IGN survives that. Without a stop (or on another error), the
+    handlers are restored."""
+    from train.errors import Interrupted
     from train.stop import STOP_SIGNALS, StopSignals
 
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
@@ -180,6 +182,20 @@ def test_after_a_stop_the_stop_signals_are_ignored_until_exit():
         assert stop.name == "SIGTERM" and stop.count == 2
         assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
         os.kill(os.getpid(), signal.SIGTERM)  # ignored: this test process lives on
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        # A rank that got no signal stops because another did: it leaves as Interrupted, and is just as exposed
+        # to torchrun's follow-up SIGTERM (seen in CI as rank 1 dying -15 after its stop line).
+        with pytest.raises(Interrupted):
+            with StopSignals() as stop:
+                raise Interrupted("stopped by a signal on another process")
+        assert not stop.requested and all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        with pytest.raises(ValueError):
+            with StopSignals():
+                raise ValueError("another error")
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Type
 
 from data.worker_signals import STOP_SIGNALS
 
+from .errors import Interrupted
+
 
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request the loop honours at the next step boundary."""
@@ -54,11 +56,13 @@ class StopSignals:
 
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
-        """Restore the previous handlers, except after a stop: the process is on its way out, and a launcher's
-        follow-up signal (torchrun signals the remaining ranks as soon as one exits) must not turn its exit
-        code 130 into death by signal while it cleans up. So the stop signals are then ignored (SIG_IGN) until the
-        process ends: Python's shutdown resets a Python-level handler to the default action before the
-        interpreter is torn down, but leaves SIG_IGN in place."""
+        """Restore the previous handlers, except after a stop (a signal here, or the job's agreed stop leaving as
+        :class:`Interrupted`, which is how a rank that got no signal itself stops): the process is on its way
+        out, and a launcher's follow-up signal (torchrun signals the remaining ranks as soon as one exits) must
+        not turn its exit code 130 into death by signal while it cleans up. So the stop signals are then ignored
+        (SIG_IGN) until the process ends: Python's shutdown resets a Python-level handler to the default action
+        before the interpreter is torn down, but leaves SIG_IGN in place."""
+        stopping = self.requested or (exc_type is not None and issubclass(exc_type, Interrupted))
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
         self._previous.clear()
