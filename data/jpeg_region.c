@@ -2,8 +2,8 @@
  *
  * libjpeg-turbo can skip whole rows (jpeg_skip_scanlines: no inverse DCT, upsampling or colour conversion for
  * them) and restrict each row to a range of iMCU columns (jpeg_crop_scanline). So a training crop costs the
- * entropy decoding of the file plus the pixel work of the crop's columns below its top edge, instead of the
- * pixel work of the whole frame.
+ * entropy decoding of the whole file (which also checks it) plus the pixel work of the crop and of the last
+ * row, instead of the pixel work of the whole frame.
  *
  * Built by data/jpeg_region.py with the system C compiler against the system libjpeg's headers; called through
  * ctypes. Plain C, no Python headers: one shared object serves every Python version.
