@@ -32,6 +32,7 @@ from PIL import Image
 from data import jpeg_region
 from data.base import to_rgb
 from data.errors import DataError
+from data.resample import resize_rgbx
 
 try:
     import simplejpeg
@@ -149,24 +150,33 @@ def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_bo
     transform). ``resample`` is Pillow's filter (bilinear, or bicubic for the eval transform). With ``fused`` and a
     plain JPEG, the decode runs at :func:`dct_scale`, which only ever leaves a downscale for the filter, through
     ``decoder`` (a ``data.jpeg_decoder`` value); at scale 1, or on the plain path, the pixels are exactly
-    torchvision's.
+    torchvision's. The fast decoders' arrays are resized by :mod:`data.resample`, which gives Pillow's pixels.
     """
     if fused and can_decode_scaled(image):
         # Only auto is resolved here: a named decoder was checked where the transform was built, and one that is
         # missing in this process (a worker on another host) must not make every file look corrupt.
         decoder = resolve_jpeg_decoder(decoder) if decoder == "auto" else decoder
         source = getattr(image, "fp", None)
-        if decoder == "region" and isinstance(source, BytesIO):
-            resized = resize_jpeg_region(source.getvalue(), image.size, box, resolution, clip_to_box=clip_to_box,
+        data = source.getvalue() if isinstance(source, BytesIO) else None
+        if decoder == "region" and data is not None:
+            resized = resize_jpeg_region(data, image.size, box, resolution, clip_to_box=clip_to_box,
                                          resample=resample)
             if resized is not None:
                 return resized
-        image, factor = _decode_frame(image, dct_scale(box, resolution), decoder != "pillow")
+        scale = dct_scale(box, resolution)
+        pixels = _decode_with_simplejpeg(data, image.size, scale) if decoder != "pillow" and data else None
+        if pixels is not None:
+            region = box.scaled(scale)
+            rect = _enclosing_rect(region, (pixels.shape[1], pixels.shape[0]), clip_to_box)
+            return resize_rgbx(pixels[rect[1]:rect[3], rect[0]:rect[2]], (resolution, resolution), resample,
+                               _inside(region, rect))
+        factor = _decode_with_pillow(image, scale)
     else:
         image, factor = to_rgb(image), 1.0
     region = box.scaled(factor)
     rect = _enclosing_rect(region, image.size, clip_to_box)
-    return _resize(image if rect == (0, 0, *image.size) else image.crop(rect), rect, region, resolution, resample)
+    cut = image if rect == (0, 0, *image.size) else image.crop(rect)
+    return cut.resize((resolution, resolution), resample, box=_inside(region, rect))
 
 
 def resize_jpeg_region(data: bytes, size: Tuple[int, int], box: Box, resolution: int, *, clip_to_box: bool,
@@ -183,15 +193,12 @@ def resize_jpeg_region(data: bytes, size: Tuple[int, int], box: Box, resolution:
     pixels = jpeg_region.decode_region(data, scale, rect)
     if pixels is None:
         return None
-    cut = Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGBX", 0, 1)  # shared
-    return _resize(cut, rect, region, resolution, resample)
+    return resize_rgbx(pixels, (resolution, resolution), resample, _inside(region, rect))
 
 
-def _resize(cut: Image.Image, rect: jpeg_region.Rect, region: Tuple[float, float, float, float], resolution: int,
-            resample: int) -> Image.Image:
-    """``cut`` (the pixels ``rect`` of the decoded frame) resized so that ``region`` of the frame fills the output."""
-    inside = (region[0] - rect[0], region[1] - rect[1], region[2] - rect[0], region[3] - rect[1])
-    return cut.resize((resolution, resolution), resample, box=inside)
+def _inside(region: Tuple[float, float, float, float], rect: jpeg_region.Rect) -> Tuple[float, float, float, float]:
+    """``region`` of the decoded frame in the coordinates of its cut ``rect``: the resize's box."""
+    return (region[0] - rect[0], region[1] - rect[1], region[2] - rect[0], region[3] - rect[1])
 
 
 def _enclosing_rect(region: Tuple[float, float, float, float], size: Tuple[int, int],
@@ -201,16 +208,6 @@ def _enclosing_rect(region: Tuple[float, float, float, float], size: Tuple[int, 
     if not clip_to_box:
         return (0, 0, size[0], size[1])
     return (int(region[0]), int(region[1]), min(math.ceil(region[2]), size[0]), min(math.ceil(region[3]), size[1]))
-
-
-def _decode_frame(image: Image.Image, scale: int, try_simplejpeg: bool) -> Tuple[Image.Image, float]:
-    """The whole of ``image`` decoded at ``scale`` (simplejpeg first if asked, else or on its refusal Pillow), and
-    the scale that was applied."""
-    decoded = _decode_with_simplejpeg(image, scale) if try_simplejpeg else None
-    if decoded is not None:
-        return decoded, float(scale)
-    factor = _decode_with_pillow(image, scale)
-    return image, factor
 
 
 def _decode_with_pillow(image: Image.Image, scale: int) -> float:
@@ -227,18 +224,17 @@ def _decode_with_pillow(image: Image.Image, scale: int) -> float:
     return factor
 
 
-def _decode_with_simplejpeg(image: Image.Image, scale: int) -> Optional[Image.Image]:
-    """``image``'s file decoded by libjpeg-turbo at ``scale`` into an RGBX buffer that the returned image
-    shares, or None where this route does not apply (no simplejpeg, or the bytes are not in memory) or the
+def _decode_with_simplejpeg(data: Optional[bytes], size: Tuple[int, int], scale: int) -> Optional[np.ndarray]:
+    """The JPEG ``data`` (``size``: its width and height) decoded by libjpeg-turbo at ``scale`` as an RGBX array
+    [H, W, 4], or None where this route does not apply (no simplejpeg, or the bytes are not in memory) or the
     file raises any libjpeg warning: Pillow then decides, so a file fails or passes exactly as it would there."""
-    source = getattr(image, "fp", None)
-    if simplejpeg is None or not isinstance(source, BytesIO):
+    if simplejpeg is None or data is None:
         return None
-    width, height = -(-image.width // scale), -(-image.height // scale)
+    width, height = -(-size[0] // scale), -(-size[1] // scale)
     try:
-        pixels = simplejpeg.decode_jpeg(source.getvalue(), "RGBX", min_width=width, min_height=height)
+        pixels = simplejpeg.decode_jpeg(data, "RGBX", min_width=width, min_height=height)
     except ValueError:
         return None
     if pixels.shape[:2] != (height, width):  # a factor other than 1/scale: let Pillow do it
         return None
-    return Image.frombuffer("RGBX", (width, height), np.ascontiguousarray(pixels), "raw", "RGBX", 0, 1)
+    return pixels

@@ -66,18 +66,28 @@ def skip_or_fail(reason: str, require_env: str = REQUIRE_SHARED_ENV) -> None:
     pytest.skip(reason)
 
 
-#: Environment variable that turns "the JPEG region decoder cannot be built here" skips into failures.
-REQUIRE_JPEG_REGION_ENV = "EFFNET_REQUIRE_JPEG_REGION"
+#: Environment variable that turns "a C helper of the data path cannot be built here" skips into failures.
+REQUIRE_NATIVE_ENV = "EFFNET_REQUIRE_NATIVE"
 
 
 def needs_jpeg_region() -> None:
-    """Skip (or, with ``EFFNET_REQUIRE_JPEG_REGION=1`` as ``.ci/run`` sets it, fail) where ``data.jpeg_region``
+    """Skip (or, with ``EFFNET_REQUIRE_NATIVE=1`` as ``.ci/run`` sets it, fail) where ``data.jpeg_region``
     cannot be built: no C compiler or no libjpeg headers."""
     from data import jpeg_region
 
     reason = jpeg_region.unavailable_reason()
     if reason:
-        skip_or_fail(f"the JPEG region decoder is not available here: {reason}", REQUIRE_JPEG_REGION_ENV)
+        skip_or_fail(f"the JPEG region decoder is not available here: {reason}", REQUIRE_NATIVE_ENV)
+
+
+def needs_c_resize() -> None:
+    """Skip (or, with ``EFFNET_REQUIRE_NATIVE=1``, fail) where ``data.resample``'s C resize cannot be built or
+    does not give this Pillow's pixels."""
+    from data import resample
+
+    reason = resample.unavailable_reason()
+    if reason:
+        skip_or_fail(f"the C resize is not available here: {reason}", REQUIRE_NATIVE_ENV)
 
 
 def find_shared_cifar_tarball() -> Path:

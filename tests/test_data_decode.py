@@ -21,7 +21,7 @@ from torchvision.transforms import functional as F
 
 import data.decode as decode
 from bench.data import make_test_images
-from conftest import REPO_ROOT, needs_jpeg_region
+from conftest import REPO_ROOT, needs_c_resize, needs_jpeg_region
 from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region
 from data.decode import Box, can_decode_scaled, dct_scale, random_resized_crop_box, resize_then_center_crop_box
 from data.transforms import image_to_tensor
@@ -351,9 +351,10 @@ def test_truncated_jpeg_is_named_as_corrupt_with_every_decoder(jpeg_sets, tmp_pa
 
 def build_in_subprocess(tmp_path: Path, cc: str) -> subprocess.CompletedProcess:
     """What a fresh process on a machine with this ``CC`` (and an empty cache) makes of the decoders."""
-    code = ("from data import decode, jpeg_region\n"
+    code = ("from data import decode, jpeg_region, resample\n"
             "print(repr(jpeg_region.unavailable_reason()))\n"
-            "print(decode.resolve_jpeg_decoder('auto'))\n")
+            "print(decode.resolve_jpeg_decoder('auto'))\n"
+            "print(resample.in_use())\n")
     env = {**os.environ, "CC": cc, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -362,9 +363,10 @@ def build_in_subprocess(tmp_path: Path, cc: str) -> subprocess.CompletedProcess:
 def test_without_a_compiler_auto_falls_back_and_region_is_a_one_line_error(tmp_path):
     done = build_in_subprocess(tmp_path, str(tmp_path / "no-such-cc"))
     assert done.returncode == 0, done.stderr
-    reason, fallback = done.stdout.splitlines()
+    reason, fallback, resize = done.stdout.splitlines()
     assert "no C compiler" in reason and "no-such-cc" in reason
     assert fallback == ("simplejpeg" if decode.simplejpeg is not None else "pillow")
+    assert resize.startswith("Pillow (no C compiler") and "no-such-cc" in resize
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "train", "--config", "configs/models/efficientnet-b0-g16-ln-pn.yml",
                            "--print-config", "--set", "data.jpeg_decoder=region"], cwd=REPO_ROOT, env=env,
@@ -376,19 +378,23 @@ def test_without_a_compiler_auto_falls_back_and_region_is_a_one_line_error(tmp_p
 
 def test_a_failed_compile_names_the_cause_and_a_good_one_is_built_once(tmp_path):
     needs_jpeg_region()
+    needs_c_resize()
     broken = build_in_subprocess(tmp_path, "cc -nostdinc")  # no system headers: as if libjpeg-dev were missing
-    assert "compiling jpeg_region.c failed" in broken.stdout.splitlines()[0], broken.stdout + broken.stderr
+    reason, _, resize = broken.stdout.splitlines()
+    assert "compiling jpeg_region.c failed" in reason and "compiling resample.c failed" in resize, broken.stdout
     assert not list((tmp_path / "cache").rglob("*.so*")), "a failed build left files behind"
     cc = os.environ.get("CC", "").strip() or "cc"
     first = build_in_subprocess(tmp_path, cc)
-    assert first.stdout.splitlines() == ["''", "region"], first.stdout + first.stderr
-    (built,) = (tmp_path / "cache" / "effnet-ipu" / "jpeg-region").glob("*.so")
+    assert first.stdout.splitlines()[:2] == ["''", "region"], first.stdout + first.stderr
+    assert first.stdout.splitlines()[2].startswith("C, "), first.stdout
+    built = [next((tmp_path / "cache" / "effnet-ipu" / name).glob("*.so")) for name in ("jpeg-region", "resample")]
     umask = os.umask(0)
     os.umask(umask)
-    assert built.stat().st_mode & 0o777 == 0o755 & ~umask  # not mkstemp's 0600: a shared cache serves every user
-    stamp = built.stat().st_mtime_ns
-    assert build_in_subprocess(tmp_path, cc).stdout.splitlines() == ["''", "region"]
-    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    for library in built:  # not mkstemp's 0600: a shared cache serves every user
+        assert library.stat().st_mode & 0o777 == 0o755 & ~umask, library
+    stamps = [library.stat().st_mtime_ns for library in built]
+    assert build_in_subprocess(tmp_path, cc).stdout.splitlines() == first.stdout.splitlines()
+    assert [library.stat().st_mtime_ns for library in built] == stamps  # loaded from the cache, not rebuilt
 
 
 def test_image_to_tensor_is_channels_first_and_contiguous_from_rgb_or_rgbx_and_mirrors():

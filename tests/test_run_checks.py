@@ -125,8 +125,10 @@ def test_print_config_shows_what_the_recipe_resolves_to():
                  "--set", "train.resolution=half")
     assert done.returncode == 0, done.stderr
     assert "#   phase train: 160 px" in done.stdout
-    (decoder,) = [line for line in done.stdout.splitlines() if line.startswith("#   JPEG decoder: ")]
-    assert decoder.split(": ")[1] in ("region", "simplejpeg", "pillow")
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("#   JPEG decoder: ")]
+    decoder, resize = line.removeprefix("#   JPEG decoder: ").split(", resize: ")
+    assert decoder in ("region", "simplejpeg", "pillow")
+    assert resize in ("C, SSE4.1", "C, scalar") or resize.startswith("Pillow ("), resize
 
 
 # --------------------------------------------------------------------------------------------------- resume
