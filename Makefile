@@ -44,7 +44,7 @@ SDK34_STAMP := $(SDK34_VENV)/.effnet-installed
 # ---- data -----------------------------------------------------------------------
 FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 FMNIST_PKG  := dataset-fashion-mnist
-# What the JPEG region decoder (data/jpeg_region.c, built on first use) compiles with; optional.
+# What the data path's C helpers (data/jpeg_region.c, data/resample.c, built on first use) compile with; optional.
 JPEG_PKGS   := gcc libjpeg62-turbo-dev
 
 # ---- pass-through arguments -----------------------------------------------------
@@ -143,18 +143,18 @@ data: ## make sure Fashion-MNIST is installed (Debian package dataset-fashion-mn
 	apt-get install -y $(FMNIST_PKG) </dev/null || { apt-get update </dev/null && apt-get install -y $(FMNIST_PKG) </dev/null; }; \
 	[ -f "$$f" ] || { echo "error: $(FMNIST_PKG) installed but $$f is still missing" >&2; exit 1; }
 
-jpeg: ## make sure a C compiler and libjpeg's headers are there for the JPEG region decoder (optional)
+jpeg: ## make sure a C compiler and libjpeg's headers are there for the C helpers (region decoder, resize; optional)
 	@cc="$${CC:-cc}"; \
 	has() { printf '#include <stdio.h>\n#include <jpeglib.h>\n' | $$cc -E -x c - >/dev/null 2>&1; }; \
-	if has; then echo "JPEG region decoder: $$cc and jpeglib.h found"; exit 0; fi; \
+	if has; then echo "C helpers (JPEG region decoder, resize): $$cc and jpeglib.h found"; exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-	  echo "note: no C compiler or no jpeglib.h, so JPEG crops decode in full (slower, same pixels);" \
+	  echo "note: no C compiler or no jpeglib.h, so JPEG crops decode in full or resize in Pillow (slower, same pixels);" \
 	       "install with: sudo apt-get install -y $(JPEG_PKGS)" >&2; exit 0; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	echo "==> apt-get install -y $(JPEG_PKGS)"; \
 	apt-get install -y $(JPEG_PKGS) </dev/null || { apt-get update </dev/null && apt-get install -y $(JPEG_PKGS) </dev/null; } \
-	  || echo "note: could not install $(JPEG_PKGS); JPEG crops decode in full (slower, same pixels)" >&2
+	  || echo "note: could not install $(JPEG_PKGS); JPEG crops decode in full or resize in Pillow (slower, same pixels)" >&2
 
 # ---- run ------------------------------------------------------------------------
 train: venv data jpeg ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)

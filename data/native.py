@@ -54,7 +54,8 @@ def build(source: Path, name: str, flags: Sequence[str], libraries: Sequence[str
     ``rebuild``), atomically, so concurrent processes at worst compile it twice; readable by every user, like a
     library. ``missing_hint`` ends the message of a failed compile (what to install)."""
     command = [*compiler(), "-shared", "-fPIC", *flags]
-    key = hashlib.sha256(source.read_bytes() + repr((command, platform.machine())).encode()).hexdigest()[:16]
+    recipe = repr((command, list(libraries), platform.machine())).encode()
+    key = hashlib.sha256(source.read_bytes() + recipe).hexdigest()[:16]
     target = _cache_dir(name) / f"{source.stem}-{key}.so"
     if target.exists() and not rebuild:
         return target

@@ -260,9 +260,7 @@ int effnet_resize(const uint8_t *in, int in_w, int in_h, int in_stride, float x0
     int status = NO_MEMORY;
     if (!make_pass(in_w, x0, x1, out_w, filter, 1, &across) || !make_pass(in_h, y0, y1, out_h, filter, 0, &down))
         goto done;
-    if (!need_horizontal && !need_vertical) {
-        for (int y = 0; y < out_h; y++) memcpy(out + y * out_stride, in + (size_t)y * in_stride, out_stride);
-    } else if (!need_vertical) {
+    if (!need_vertical) {  /* (one of the two is needed: the whole image at its own size is Pillow's copy) */
         horizontal(in, (size_t)in_stride, in_h, out, out_stride, out_w, &across);
     } else if (!need_horizontal) {
         vertical(in, (size_t)in_stride, in_w, out, out_stride, out_h, &down);

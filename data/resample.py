@@ -4,13 +4,15 @@
 Pillow 13 chose a new pass order (vertical first when the height shrinks by more than twice as many pixels as
 the width); the order follows the installed Pillow's major version. Loading checks the result against the
 installed Pillow on a set of boxes that takes every branch, so a Pillow that resizes differently makes this
-unavailable (``unavailable_reason``) and the pipeline asks Pillow instead: slower, never different.
+unavailable (``unavailable_reason``) and the pipeline asks Pillow instead: slower, never different. Used on
+x86-64 only (:data:`CHECKED_MACHINES`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -29,13 +31,24 @@ PILLOW13_ORDER = PILLOW_MAJOR >= 13
 
 BoxF = Tuple[float, float, float, float]  # left, top, right, bottom in source pixels (fractional)
 
+#: Where the C resize has been checked against Pillow's builds: x86-64, where neither may fuse multiply-adds
+#: without being asked to. Pillow's wheels for other CPUs are compiled with GCC's default contraction, which can
+#: move a filter weight by one unit in the last place, and so a value by one level.
+CHECKED_MACHINES = ("x86_64", "AMD64")
+
 #: (source width, height, box, output size, filter) that the load-time check compares with Pillow: shrink and
-#: enlarge, either pass alone, Pillow 13's vertical-first case, a source narrower than the filter, Pillow's crop.
+#: enlarge (three-tap, five-tap and long filters), either pass alone, Pillow 13's vertical-first rule on both
+#: sides of its threshold and with the width growing, a source narrower than the filter, Pillow's copy.
 _CHECKS = (
     (61, 47, (3.3, 2.1, 57.9, 44.6), (23, 19), Image.Resampling.BILINEAR),
+    (20, 15, (0.5, 0.5, 19.5, 14.5), (53, 41), Image.Resampling.BILINEAR),
     (61, 47, (0.0, 0.0, 61.0, 47.0), (97, 83), Image.Resampling.BICUBIC),
+    (97, 83, (1.5, 2.5, 95.0, 80.0), (23, 19), Image.Resampling.BICUBIC),
     (61, 47, (0.0, 0.0, 61.0, 47.0), (30, 47), Image.Resampling.BILINEAR),
     (61, 47, (0.0, 5.5, 61.0, 40.0), (61, 20), Image.Resampling.BICUBIC),
+    (61, 47, (0.0, 0.0, 61.0, 47.0), (51, 27), Image.Resampling.BILINEAR),
+    (61, 47, (0.0, 0.0, 61.0, 47.0), (51, 26), Image.Resampling.BILINEAR),
+    (30, 47, (0.2, 0.0, 29.9, 46.5), (45, 20), Image.Resampling.BICUBIC),
     (40, 90, (1.2, 0.7, 39.1, 88.8), (36, 12), Image.Resampling.BILINEAR),
     (3, 47, (0.4, 1.0, 2.9, 46.0), (9, 21), Image.Resampling.BICUBIC),
     (61, 47, (7.0, 4.0, 31.0, 20.0), (24, 16), Image.Resampling.BILINEAR),
@@ -44,8 +57,8 @@ _CHECKS = (
 
 def _build(rebuild: bool) -> Path:
     # -ffp-contract=off: no fused multiply-add in the weights, which Pillow's build computes without.
-    return native.build(SOURCE, "resample", ["-O3", "-ffp-contract=off"], ["-lm"], "is a C compiler installed?",
-                        rebuild)
+    return native.build(SOURCE, "resample", ["-O3", "-ffp-contract=off"], ["-lm"],
+                        "the C library's headers are in Debian's libc6-dev (gcc brings it)", rebuild)
 
 
 def _call(library: ctypes.CDLL, pixels: np.ndarray, box: BoxF, size: Tuple[int, int], resample: int,
@@ -79,6 +92,9 @@ def _setup(library: ctypes.CDLL) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def _library() -> Tuple[Optional[ctypes.CDLL], str]:
     """The loaded library, or None and why not (tried once per process; forked workers inherit it)."""
+    if platform.machine() not in CHECKED_MACHINES:
+        return None, (f"checked against Pillow on x86-64 only, not {platform.machine()}, where Pillow's build may "
+                      "fuse the multiply-adds of its filter weights")
     return native.load(_build, _setup)
 
 

@@ -22,7 +22,7 @@ from torchvision.transforms import functional as F
 import data.decode as decode
 from bench.data import make_test_images
 from conftest import REPO_ROOT, needs_c_resize, needs_jpeg_region
-from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region
+from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region, resample
 from data.decode import Box, can_decode_scaled, dct_scale, random_resized_crop_box, resize_then_center_crop_box
 from data.transforms import image_to_tensor
 
@@ -256,12 +256,14 @@ def test_region_decode_equals_the_same_region_of_a_full_decode_at_every_dct_scal
 @pytest.mark.parametrize("size, clip", [(64, True), (160, True), (224, False)])
 def test_every_jpeg_decoder_gives_the_same_pixels(jpeg_sets, size, clip, monkeypatch):
     """region, simplejpeg and Pillow, through the whole crop + resize, for training and eval boxes; training crops
-    must really have gone through the region decoder."""
+    must really have gone through the region decoder, and the fast decoders' crops through the C resize."""
     needs_jpeg_region()
+    needs_c_resize()
     fast = ["region"] + (["simplejpeg"] if decode.simplejpeg is not None else [])
-    regions = []
-    decode_region = jpeg_region.decode_region
+    regions, resizes = [], []
+    decode_region, c_resize = jpeg_region.decode_region, resample._call
     monkeypatch.setattr(jpeg_region, "decode_region", lambda *args: regions.append(args) or decode_region(*args))
+    monkeypatch.setattr(resample, "_call", lambda *args: resizes.append(args[2:]) or c_resize(*args))
     if clip:
         samples = sample_boxes(jpeg_files(jpeg_sets), size, per_file=2)
     else:
@@ -272,6 +274,7 @@ def test_every_jpeg_decoder_gives_the_same_pixels(jpeg_sets, size, clip, monkeyp
         for name in fast:
             assert torch.equal(region(data, box, size, fused=True, clip=clip, decoder=name), expected), name
     assert len(regions) >= (len(samples) // 2 if clip else 0)  # eval boxes need the whole frame: simplejpeg's
+    assert len(resizes) == len(samples) * len(fast)  # every fast decoder's crop of every sample
 
 
 def damaged(data: bytes, rng: random.Random, kind: int) -> bytes:
