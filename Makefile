@@ -148,13 +148,14 @@ jpeg: ## make sure a C compiler and libjpeg's headers are there for the C helper
 	has() { printf '#include <stdio.h>\n#include <jpeglib.h>\n' | $$cc -E -x c - >/dev/null 2>&1; }; \
 	if has; then echo "C helpers (JPEG region decoder, resize): $$cc and jpeglib.h found"; exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-	  echo "note: no C compiler or no jpeglib.h, so JPEG crops decode in full or resize in Pillow (slower, same pixels);" \
+	  echo "note: without jpeglib.h JPEG crops decode in full, without a C compiler they also resize in Pillow" \
+	       "(slower, same pixels);" \
 	       "install with: sudo apt-get install -y $(JPEG_PKGS)" >&2; exit 0; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	echo "==> apt-get install -y $(JPEG_PKGS)"; \
 	apt-get install -y $(JPEG_PKGS) </dev/null || { apt-get update </dev/null && apt-get install -y $(JPEG_PKGS) </dev/null; } \
-	  || echo "note: could not install $(JPEG_PKGS); JPEG crops decode in full or resize in Pillow (slower, same pixels)" >&2
+	  || echo "note: could not install $(JPEG_PKGS); JPEG crops may decode in full or resize in Pillow (slower, same pixels)" >&2
 
 # ---- run ------------------------------------------------------------------------
 train: venv data jpeg ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)

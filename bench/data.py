@@ -38,9 +38,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from data import DataConfig, DataError, build_dataset, build_transform, resample
+from data import DataConfig, DataError, build_dataset, build_transform
 from data.base import to_rgb  # the same conversion the pipeline uses
-from data.decode import JPEG_DECODERS, can_decode_scaled, dct_scale, decoder_unavailable, resolve_jpeg_decoder
+from data.decode import (
+    JPEG_DECODERS,
+    can_decode_scaled,
+    dct_scale,
+    decoder_unavailable,
+    resize_in_use,
+    resolve_jpeg_decoder,
+)
 from data.encoded import EncodedImageDataset
 from data.host import usable_cores
 from data.loader import build_loader
@@ -209,7 +216,7 @@ def machine(jpeg_decoder: str) -> Dict[str, object]:
             "python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
             "jpeg_decoder": resolve_jpeg_decoder(jpeg_decoder),
             "jpeg_decoders_unavailable": {n: decoder_unavailable(n) for n in JPEG_DECODERS if decoder_unavailable(n)},
-            "resize": resample.in_use(),
+            "resize": resize_in_use(resolve_jpeg_decoder(jpeg_decoder)),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 

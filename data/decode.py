@@ -11,11 +11,12 @@ The decoder is libjpeg-turbo in every case (``data.jpeg_decoder``; all give the 
 - ``region``: only the crop's rows and iMCU columns (:mod:`data.jpeg_region`, a small C library built on first
   use), which also skips the pixel work outside the crop; a crop that needs the whole frame (every eval box)
   goes the ``simplejpeg`` way;
-- ``simplejpeg``: the whole frame, straight into a buffer that Pillow then shares;
+- ``simplejpeg``: the whole frame, into an RGBX array;
 - ``pillow``: the whole frame through Pillow's ``draft()``, the zero-dependency route.
 
-``auto`` takes the first of these that works here. A file either fast decoder declines (a libjpeg warning or
-error anywhere in the file) goes to Pillow, so it fails or passes exactly as it would there.
+The first two hand their arrays to :mod:`data.resample` (Pillow's resize, in C, with Pillow's pixels); the
+third is resized by Pillow. ``auto`` takes the first of these that works here. A file either fast decoder declines
+(a libjpeg warning or error anywhere in the file) goes to Pillow, so it fails or passes exactly as it would there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from PIL import Image
 from data import jpeg_region
 from data.base import to_rgb
 from data.errors import DataError
-from data.resample import resize_rgbx
+from data.resample import in_use, resize_rgbx
 
 try:
     import simplejpeg
@@ -122,6 +123,11 @@ def decoder_unavailable(name: str) -> str:
     if name == "simplejpeg" and simplejpeg is None:
         return "simplejpeg is not installed (pip install simplejpeg)"
     return ""
+
+
+def resize_in_use(decoder: str) -> str:
+    """What resizes the crops of the (resolved) ``data.jpeg_decoder`` ``decoder``, for reports."""
+    return "Pillow (the pillow decoder)" if decoder == "pillow" else in_use()
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,7 @@
  * entropy decoding of the whole file (which also checks it) plus the pixel work of the crop and of the last
  * row, instead of the pixel work of the whole frame.
  *
- * Built by data/jpeg_region.py with the system C compiler against the system libjpeg's headers; called through
+ * Built by data/native.py with the system C compiler against the system libjpeg's headers; called through
  * ctypes. Plain C, no Python headers: one shared object serves every Python version.
  *
  * The system libjpeg is opened by its path (EFFNET_LIBJPEG, set at build time) with RTLD_DEEPBIND rather than

@@ -1,5 +1,5 @@
 """Decoding only a JPEG's crop: ``jpeg_region.c``, built on first use by :mod:`data.native` against the system
-libjpeg's headers (Debian: ``gcc`` and ``libjpeg62-turbo-dev``) into ``~/.cache/effnet-ipu/jpeg-region/`` and
+libjpeg's headers (Debian: ``gcc`` and ``libjpeg62-turbo-dev``) into ``$XDG_CACHE_HOME/effnet-ipu/jpeg-region/`` and
 called through ctypes (see docs/data.md, "Decoding only the crop"). Loading checks it on a small image against
 Pillow. Where it cannot be built or checked, :func:`unavailable_reason` says why and the fused decode uses a
 full-frame decoder instead (``data.jpeg_decoder: auto``).

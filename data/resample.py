@@ -1,4 +1,4 @@
-"""Pillow's resize, with Pillow's pixels, about 2.5x faster: ``resample.c`` built on first use by
+"""Pillow's resize, with Pillow's pixels, about 2.4x faster: ``resample.c`` built on first use by
 :mod:`data.native` and called through ctypes on the fast decoders' RGBX arrays (see docs/data.md, "The resize").
 
 Pillow 13 chose a new pass order (vertical first when the height shrinks by more than twice as many pixels as
@@ -37,8 +37,8 @@ BoxF = Tuple[float, float, float, float]  # left, top, right, bottom in source p
 CHECKED_MACHINES = ("x86_64", "AMD64")
 
 #: (source width, height, box, output size, filter) that the load-time check compares with Pillow: shrink and
-#: enlarge (three-tap, five-tap and long filters), either pass alone, Pillow 13's vertical-first rule on both
-#: sides of its threshold and with the width growing, a source narrower than the filter, Pillow's copy.
+#: enlarge (three-, five-, seven-tap and longer filters), either pass alone, Pillow 13's vertical-first rule at
+#: and one pixel past its threshold and with the width growing, a source narrower than the filter, Pillow's copy.
 _CHECKS = (
     (61, 47, (3.3, 2.1, 57.9, 44.6), (23, 19), Image.Resampling.BILINEAR),
     (20, 15, (0.5, 0.5, 19.5, 14.5), (53, 41), Image.Resampling.BILINEAR),

@@ -66,7 +66,8 @@ def skip_or_fail(reason: str, require_env: str = REQUIRE_SHARED_ENV) -> None:
     pytest.skip(reason)
 
 
-#: Environment variable that turns "a C helper of the data path cannot be built here" skips into failures.
+#: Environment variable that turns "a C helper of the data path cannot be built here, fails its load check or (the
+#: resize) is not checked on this machine type" skips into failures.
 REQUIRE_NATIVE_ENV = "EFFNET_REQUIRE_NATIVE"
 
 

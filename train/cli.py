@@ -15,8 +15,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from data import DataError, resample
-from data.decode import resolve_jpeg_decoder
+from data import DataError
+from data.decode import resize_in_use, resolve_jpeg_decoder
 from ipu_options.plan import PlanError
 
 from .backends import BackendError
@@ -119,7 +119,8 @@ def print_config(config: Optional[str], overrides: List[str]) -> None:
     for line in describe_plan(plan, launch_world_size()):
         print(f"#   {line}")
     if cfg.data.fused_decode:  # auto becomes a decoder here; a named one that cannot run is an error here
-        print(f"#   JPEG decoder: {resolve_jpeg_decoder(cfg.data.jpeg_decoder)}, resize: {resample.in_use()}")
+        decoder = resolve_jpeg_decoder(cfg.data.jpeg_decoder)
+        print(f"#   JPEG decoder: {decoder}, resize: {resize_in_use(decoder)}")
 
 
 def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
