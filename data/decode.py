@@ -162,15 +162,15 @@ def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_bo
         # Only auto is resolved here: a named decoder was checked where the transform was built, and one that is
         # missing in this process (a worker on another host) must not make every file look corrupt.
         decoder = resolve_jpeg_decoder(decoder) if decoder == "auto" else decoder
-        source = getattr(image, "fp", None)
-        data = source.getvalue() if isinstance(source, BytesIO) else None
+        source = getattr(image, "fp", None)  # the fast decoders need the bytes in memory
+        data = source.getvalue() if decoder != "pillow" and isinstance(source, BytesIO) else None
         if decoder == "region" and data is not None:
             resized = resize_jpeg_region(data, image.size, box, resolution, clip_to_box=clip_to_box,
                                          resample=resample)
             if resized is not None:
                 return resized
         scale = dct_scale(box, resolution)
-        pixels = _decode_with_simplejpeg(data, image.size, scale) if decoder != "pillow" and data else None
+        pixels = _decode_with_simplejpeg(data, image.size, scale)
         if pixels is not None:
             region = box.scaled(scale)
             rect = _enclosing_rect(region, (pixels.shape[1], pixels.shape[0]), clip_to_box)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from data import resample
 from data.base import to_rgb
 from data.config import DataConfig
 from data.decode import Box, crop_and_resize, random_resized_crop_box, resize_then_center_crop_box, resolve_jpeg_decoder
@@ -122,6 +123,8 @@ def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: Data
         raise DataError(f"preprocessing must be 'train' or 'eval', got {preprocessing!r}")
     magnitude = cfg.randaugment if randaugment is None else randaugment
     decoder = resolve_jpeg_decoder(cfg.jpeg_decoder) if cfg.fused_decode else cfg.jpeg_decoder
+    if cfg.fused_decode and decoder != "pillow":
+        resample.unavailable_reason()  # loads (or builds) the C resize here, so that forked loader workers inherit it
     return Preprocessing(preprocessing, resolution, crop_scale=tuple(cfg.crop_scale),  # type: ignore[arg-type]
                          crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,  # type: ignore[arg-type]
                          randaugment=int(round(magnitude)) if magnitude and preprocessing == "train" else 0,

@@ -104,3 +104,15 @@ def test_a_box_pillow_rejects_raises_pillows_error():
     pixels = photo(20, 10, 0)
     with pytest.raises(ValueError, match="box can't exceed original image size"):
         resample.resize_rgbx(pixels, (8, 8), Image.Resampling.BILINEAR, (0.0, 0.0, 25.0, 10.0))
+
+
+def test_building_a_transform_loads_it_before_loader_workers_fork():
+    """Workers are forked from the process that built the transform: loaded there, the library (and its check)
+    is inherited instead of loaded again, or compiled side by side on a cold cache, in every worker."""
+    from data import DataConfig, build_transform
+
+    resample._library.cache_clear()
+    build_transform("eval", 32, DataConfig(jpeg_decoder="pillow"))
+    assert resample._library.cache_info().currsize == 0  # Pillow resizes the pillow decoder's crops
+    build_transform("train", 32, DataConfig())
+    assert resample._library.cache_info().currsize == 1
