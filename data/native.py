@@ -3,7 +3,7 @@
 
 Each source is compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/effnet-ipu/<name>/`` (default ``~/.cache``), named by a hash of the source, the compile and link
-command and the machine type, so every later process, data-loader workers included, only loads it. The sources use
+command and the machine type, so every later process only loads it. The sources use
 no Python headers: one build serves every Python version. Where a helper cannot be built or fails its check, the
 caller says why (one line) and takes the route through simplejpeg or Pillow, which gives the same pixels.
 """
