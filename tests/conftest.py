@@ -39,6 +39,8 @@ SHARED_DIR_ENV = "EFFNET_SHARED_DIR"
 REQUIRE_SHARED_ENV = "EFFNET_REQUIRE_SHARED"
 #: Location of the CIFAR-10 JPEG tarball, relative to the ``shared/`` folder.
 CIFAR_TARBALL_RELPATH = Path("datasets") / "cifar10-jpg.tar.gz"
+#: Imagenette2 at 224 px (10 ImageNet classes, real photos), relative to the ``shared/`` folder.
+IMAGENETTE_TARBALL_RELPATH = Path("datasets") / "imagenette2-224.tar.gz"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -97,6 +99,15 @@ def find_shared_cifar_tarball() -> Path:
     if not path.is_file():
         skip_or_fail(f"shared data set missing: {path} "
                      f"(set {SHARED_DIR_ENV} to the folder holding datasets/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_imagenette_tarball() -> Path:
+    """Path of the shared Imagenette2 (224 px) tarball; skips (or, with ``EFFNET_REQUIRE_SHARED=1``, fails)."""
+    path = shared_dir() / IMAGENETTE_TARBALL_RELPATH
+    if not path.is_file():
+        skip_or_fail(f"shared data set missing: {path} (set {SHARED_DIR_ENV} to the folder holding datasets/)")
     return path
 
 

@@ -110,17 +110,3 @@ def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture, argv: Lis
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_lowres_experiment_runs_three_arms_on_real_jpegs(shared_cifar_tarball, tmp_path, monkeypatch, capsys):
-    from bench.lowres_experiment import main as lowres_main
-
-    monkeypatch.setenv("EFFNET_CACHE_DIR", str(tmp_path / "cache"))
-    assert lowres_main(["--data", str(shared_cifar_tarball), "--device", "cpu", "--epochs", "2", "--native", "32",
-                        "--low", "24", "--train-subset", "256", "--val-subset", "100", "--width", "0.25",
-                        "--depth", "0.25", "--batch-size", "32", "--workers", "0"]) == 0
-    arms = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"arm"')]
-    assert [a["arm"] for a in arms] == ["native", "low", "low+finetune"]
-    assert all(a["test_resolution"] == 32 and 0 <= a["top1"] <= 1 and a["images"] == 512 for a in arms)
-    assert arms[0]["forward_gmacs"] > arms[1]["forward_gmacs"]  # the low-resolution arm spends fewer MACs

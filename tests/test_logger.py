@@ -42,7 +42,7 @@ def jsonl(run_dir: Path) -> List[Dict[str, Any]]:
 # -------------------------------------------------------------------------------------------------- tests
 def test_offline_run_logs_to_jsonl_and_wandb(tmp_path: Path, wandb_calls: WandbCalls) -> None:
     run_dir = tmp_path / "b0-demo"
-    cfg = LoggingConfig(wandb="offline", tags=["test", "g16"])
+    cfg = LoggingConfig(wandb="offline", tags=["test", "g16"], group="study-x")
     with RunLogger(run_dir, CONFIG, cfg) as logger:
         for step in range(3):
             logger.log({"train/loss": 2.0 - step / 2, "train/acc": 0.25 * step, "phase": "train"}, step=step * 10)
@@ -58,6 +58,7 @@ def test_offline_run_logs_to_jsonl_and_wandb(tmp_path: Path, wandb_calls: WandbC
 
     (run,) = wandb_calls.runs
     assert (run.id, run.project, run.name, list(run.tags)) == (run_id, "efficientnet-ipu", "b0-demo", ["test", "g16"])
+    assert run.group == "study-x"  # bench.study puts every arm of a study in one W&B group
     assert dict(run.config)["model"] == CONFIG["model"]
     assert wandb_calls.inits[0]["mode"] == "offline" and wandb_calls.inits[0]["dir"] == str(run_dir)
     assert [(step, m["train/loss"], m["train/acc"], m["phase"]) for _, step, m in wandb_calls.logs] == [

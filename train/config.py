@@ -212,6 +212,8 @@ class LoggingConfig:
     entity: Optional[str] = field(default=None, metadata={"help": "W&B user or team; null = the API key's default"})
     name: Optional[str] = field(default=None, metadata={"help": "W&B run name; null = the run folder's name"})
     tags: List[str] = field(default_factory=list, metadata={"help": "W&B run tags"})
+    group: Optional[str] = field(default=None, metadata={
+        "help": "W&B group: runs that belong together (bench.study puts every arm of a study in one)"})
     run_dir: str = field(default="runs", metadata={"help": "run folders go in <run_dir>/<config>-<time>/"})
     log_every: int = field(default=50, metadata={"min": 1, "help": "optimizer steps between metric lines"})
 

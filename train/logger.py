@@ -108,6 +108,7 @@ class RunLogger:
 
             run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name, tags=list(cfg.tags),
+                group=cfg.group,
                 config=config, dir=str(self.run_dir),
                 mode=self.mode,  # type: ignore[arg-type]  # also $WANDB_MODE's values W&B accepts (dryrun, run)
                 # "allow", not "must": "must" fails online when the first part ran offline and is not synced yet,
