@@ -125,8 +125,13 @@ class IpuConfig:
     deterministic_workers: bool = field(default=True, metadata={
         "help": "Poplar target.deterministicWorkers=portable (keeps replicas' weights identical)"})
     outer_fragment_schedule: Literal["scheduler", "serial", "overlap_cycles", "overlap_memory"] = field(
-        default="overlap_memory", metadata={"help": "accumulateOuterFragmentSettings.schedule (replicas > 1)"})
-    merge_collectives: bool = field(default=True, metadata={"help": "merge the all-reduces of replicas > 1"})
+        default="overlap_memory", metadata={
+            "help": "PopART accumulateOuterFragmentSettings.schedule (set with replicas > 1). PopART refuses serial "
+                    "with merged all-reduces and with gradient clipping on a pipeline"})
+    merge_collectives: Optional[bool] = field(default=None, metadata={
+        "help": "merge the all-reduces of replicas > 1 (PopART prepareScheduleForMergingCollectives and "
+                "mergeAllReduceCollectives); null = on, except with outer_fragment_schedule: serial, which PopART "
+                "cannot combine with it"})
     # --- host side ---------------------------------------------------------------------------------------------
     dataloader_mode: Literal["sync", "async", "async_rebatched"] = field(default="async_rebatched", metadata={
         "help": "poptorch.DataLoaderMode: async_rebatched loads on worker processes in small batches and rebatches "
@@ -136,7 +141,9 @@ class IpuConfig:
     executable_cache: Optional[str] = field(default=None, metadata={
         "help": "folder for compiled executables (reused when nothing changed); null = $POPTORCH_CACHE_DIR (read "
                 "by PopTorch itself), else <logging.run_dir>/executable-cache when ipu.instances > 1 (every poprun "
-                "instance would otherwise compile the same graphs), else none"})
+                "instance would otherwise compile the same graphs), else none. With several instances it must be "
+                "one folder that every instance of the job sees (on several hosts: a shared file system), because "
+                "PopTorch's compile lock in it counts the whole job's instances"})
     offline_ipu_version: int = field(default=2, metadata={"min": 1, "help": "IPU generation for --compile-only"})
     synthetic_data: bool = field(default=False, metadata={
         "help": "no host-to-IPU input copies (random data on the device): throughput tests only"})

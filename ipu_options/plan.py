@@ -30,6 +30,8 @@ from .config import PHASE_FIELDS, IpuConfig, PipelineStage
 # PopART enums are passed to ``_Popart.set`` as ints (docs/ipu.md, "PopTorch 3.4 facts the code relies on").
 RECOMPUTATION_TYPE = {"none": 0, "standard": 1, "norm_only": 2, "pipeline": 3, "recompute_all": 4}
 OUTER_FRAGMENT_SCHEDULE = {"scheduler": 0, "serial": 1, "overlap_cycles": 2, "overlap_memory": 3}
+#: Other schedules to offer where PopART refuses ``serial`` (see :func:`resolve_collectives`).
+NOT_SERIAL = ", ".join(name for name in OUTER_FRAGMENT_SCHEDULE if name != "serial")
 IPU_PRECISIONS = ("16.16", "16.32", "fp32")
 # PopTorch attaches at most this many IPUs to one process; larger jobs need poprun (see docs/ipu.md).
 MAX_IPUS_PER_PROCESS = 64
@@ -126,6 +128,10 @@ class IpuPhasePlan:
     # removed (disableOptimizerStateTensorStreams), and checkpoints hold the weights only (see docs/ipu.md).
     keep_optimizer_state: bool = True
     executable_cache: Optional[str] = None  # the folder enableExecutableCaching is given (None: no call)
+    # Whether the all-reduces of the replicas are merged (PopART's two merging options; replicas > 1 only), as
+    # resolve_collectives decided, and notes on any choice made for the user (--describe shows them).
+    merge_collectives: bool = False
+    notes: Tuple[str, ...] = ()
 
     @property
     def ipus_per_process(self) -> int:
@@ -179,6 +185,10 @@ class IpuPhasePlan:
             "stages": [s.to_json() for s in self.stages],
             "optimizer_state_in_checkpoints": self.keep_optimizer_state,
             "executable_cache": self.executable_cache or os.environ.get(CACHE_ENV),
+            # PopART's replica settings are set only with several replicas (null: left to PopART and PopTorch).
+            "outer_fragment_schedule": self.settings.outer_fragment_schedule if self.replicas > 1 else None,
+            "merge_collectives": self.merge_collectives,
+            "notes": list(self.notes),
         }
 
 
@@ -246,6 +256,50 @@ def executable_cache(cfg: Any, instances: int) -> Optional[str]:
     if os.environ.get(CACHE_ENV) or instances == 1:
         return None
     return str(Path(cfg.logging.run_dir) / "executable-cache")
+
+
+def _clip_key(cfg: Any, phase: Any) -> str:
+    """Where a phase's ``clip_grad_norm`` comes from: the fine-tune's own key when it sets one."""
+    if phase.name == "finetune" and cfg.finetune.optimizer.clip_grad_norm is not None:
+        return "finetune.optimizer.clip_grad_norm"
+    return "optimizer.clip_grad_norm"
+
+
+def resolve_collectives(cfg: Any, phase: Any, settings: IpuConfig, keys: Dict[str, str],
+                        n_ipus: int) -> Tuple[bool, Tuple[str, ...]]:
+    """Whether the replicas' all-reduces are merged, and notes on what was chosen for the user.
+
+    With several replicas the option calls set PopART's outer-fragment schedule (``ipu.outer_fragment_schedule``)
+    and, when merging, ``replicatedCollectivesSettings.prepareScheduleForMergingCollectives`` and
+    ``mergeAllReduceCollectives``. PopART 3.4 refuses two combinations with the ``serial`` schedule when it
+    compiles (docs/ipu.md, "PopTorch 3.4 facts"):
+
+    - preparing the schedule for merged collectives (``transforms/contiguatecollectivesformerging.cpp``): an
+      unset ``ipu.merge_collectives`` therefore means off with ``serial``, and an explicit ``true`` is an error;
+    - clipping the gradients of a pipeline (``transforms/clipweightgradientsbynorm.cpp``): an error, since the
+      user asked for both (PopTorch picks the Scheduler schedule itself only where none is set: one replica).
+    """
+    merge, clip = settings.merge_collectives, phase.optimizer.clip_grad_norm
+    if settings.replicas == 1:
+        return False, () if clip is None else (
+            "ipu.outer_fragment_schedule: not set with one replica; PopTorch picks Scheduler itself because the "
+            f"optimizer clips gradients ({_clip_key(cfg, phase)})",)
+    if settings.outer_fragment_schedule != "serial":
+        return merge is not False, ()
+    where = f"with ipu.outer_fragment_schedule: 'serial' ({keys['replicas']}: {settings.replicas})"
+    if merge:
+        raise _config_error(f"ipu.merge_collectives: true {where}: PopART refuses to prepare the schedule for "
+                            "merged all-reduces (replicatedCollectivesSettings.prepareScheduleForMergingCollectives) "
+                            f"under the serial outer-fragment schedule; use another schedule ({NOT_SERIAL}) or "
+                            "leave ipu.merge_collectives unset (off with serial)")
+    if clip is not None and n_ipus > 1:
+        raise _config_error(f"{_clip_key(cfg, phase)}: {clip} {where} on a {n_ipus}-IPU pipeline "
+                            f"({keys['pipeline']}): PopART cannot clip the gradients of a pipeline under the serial "
+                            f"outer-fragment schedule; use another schedule ({NOT_SERIAL}) or turn clipping off")
+    notes = () if merge is False else (
+        "ipu.merge_collectives: off (unset): PopART cannot prepare merged all-reduces under "
+        "ipu.outer_fragment_schedule: 'serial'",)
+    return False, notes
 
 
 def _short_list(names: Iterable[str]) -> str:
@@ -337,6 +391,7 @@ def resolve_phase(cfg: Any, phase: Any) -> IpuPhasePlan:
     elif eval_di < n_ipus:
         raise _config_error(f"{keys['eval_device_iterations']}: {eval_di} is below the {n_ipus} pipeline stages; "
                             "an inference pipeline needs at least one device iteration per stage")
+    merge, notes = resolve_collectives(cfg, phase, settings, keys, n_ipus)
     plan = IpuPhasePlan(
         phase=phase.name, prefix="ipu.finetune" if finetune and cfg.ipu.finetune is not None else "ipu",
         resolution=phase.resolution, precision=cfg.precision.compute,
@@ -346,7 +401,7 @@ def resolve_phase(cfg: Any, phase: Any) -> IpuPhasePlan:
         eval_micro_batch_size=settings.eval_micro_batch_size or phase.micro_batch_size,
         seed=int(cfg.train.seed), settings=settings,
         keep_optimizer_state=bool(cfg.checkpoint.optimizer_state) or validates_mid_phase(cfg, phase),
-        executable_cache=executable_cache(cfg, settings.instances))
+        executable_cache=executable_cache(cfg, settings.instances), merge_collectives=merge, notes=notes)
     check_ipus_per_process(plan, keys)
     rws = settings.rebatched_worker_size
     if rws is not None and rws > plan.samples_per_call:
@@ -436,7 +491,7 @@ def training_calls(plan: IpuPhasePlan, *, popdist: bool = False, offline: bool =
     if plan.replicas > 1:
         calls.append(Call("_Popart.set", ("accumulateOuterFragmentSettings.schedule",
                                           OUTER_FRAGMENT_SCHEDULE[s.outer_fragment_schedule])))
-        if s.merge_collectives:
+        if plan.merge_collectives:
             calls.append(Call("_Popart.set", ("replicatedCollectivesSettings.prepareScheduleForMergingCollectives",
                                               True)))
             calls.append(Call("_Popart.set", ("replicatedCollectivesSettings.mergeAllReduceCollectives", True)))
@@ -505,5 +560,5 @@ def describe(cfg: Any, phases: Sequence[Any], config_path: Optional[str] = None)
 
 __all__ = ["Call", "IpuPhasePlan", "New", "PlanError", "StagePlan", "Symbol", "calls_to_json", "check_ipus_per_process",
            "constructor", "describe", "executable_cache", "launch_command", "needs_own_launch", "phase_settings",
-           "resolve_phase", "resolve_stages", "training_calls", "validates_mid_phase",
+           "resolve_collectives", "resolve_phase", "resolve_stages", "training_calls", "validates_mid_phase",
            "validation_calls"]

@@ -394,6 +394,29 @@ def test_compile_only_compiles_every_phase_offline(fake, capsys):
     assert len(fake.STATE.executors) == 2 + 2  # per phase: a training model, an inference model per resolution
 
 
+def test_emulated_pod_instances_compile_into_one_cache_and_leave_no_compile_lock(monkeypatch, tmp_path):
+    """``--compile-only`` as each of two poprun instances in turn, sharing the job's cache folder (the default
+    ``<logging.run_dir>/executable-cache``). PopTorch's compile lock (docs/ipu.md, "Executable cache") is one file
+    per executable, the validation wrappers included (their repr names the resolution), and the last instance
+    removes each."""
+    from ipu_options.__main__ import main
+
+    monkeypatch.delenv("POPTORCH_CACHE_DIR", raising=False)
+    args = []
+    for item in TINY + ["ipu.replicas=2", "ipu.instances=2", f"logging.run_dir={tmp_path}",
+                        "train.val_resolutions=[16, 24]"]:
+        args += ["--set", item]
+    cache = tmp_path / "executable-cache"
+    counts = []
+    for instance in range(2):
+        install(monkeypatch, popdist=dict(POD, instance=instance))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(args + ["--compile-only"]) == 0
+        counts.append(sorted(path.stat().st_size for path in cache.glob("*.lock")))
+    assert counts == [[1, 1, 1], []]  # the training and two validation executables, passed by instance 0; then none
+
+
 def test_every_instance_makes_the_same_number_of_validation_calls(fake):
     """The stop protocol agrees across instances before every validation batch, so the counts must match."""
     cfg = tiny()

@@ -25,6 +25,7 @@ from conftest import TINY_MODEL
 from fake_poptorch import PoptorchError, cpu_has_half_convolutions, install
 from ipu_options import distributed
 from ipu_options.__main__ import main as ipu_main
+from ipu_options.plan import OUTER_FRAGMENT_SCHEDULE, RECOMPUTATION_TYPE
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
 from train.optim import RMSpropTF
@@ -87,16 +88,18 @@ class Pipelined(nn.Module):
         return self.poptorch.identity_loss((out ** 2).mean(), reduction="mean"), out
 
 
-def compile_model(impl, opts, ipus=(0,), training=False, offline=True, samples=None):
+def compile_model(impl, opts, ipus=(0,), training=False, offline=True, samples=None, max_grad_norm=None):
     """Wrap a small pipelined model with ``opts`` and compile it (on an offline target unless ``offline`` is
-    False, where real PopTorch then needs IPUs)."""
+    False, where real PopTorch then needs IPUs); a training model clips its gradients at ``max_grad_norm``."""
     pt = impl.poptorch
     if offline:
         opts.useOfflineIpuTarget()
     model = Pipelined(pt, ipus, training)
     if samples is None:
         samples = opts.device_iterations * opts.replication_factor * opts.Training.gradient_accumulation
-    executor = (pt.trainingModel(model.train(), options=opts) if training
+    optimizer = None if max_grad_norm is None else pt.optim.SGD(model.parameters(), lr=0.01,
+                                                                max_grad_norm=max_grad_norm)
+    executor = (pt.trainingModel(model.train(), options=opts, optimizer=optimizer) if training
                 else pt.inferenceModel(model.eval(), options=opts))
     try:
         executor.compile(torch.zeros(samples, 4))
@@ -150,6 +153,19 @@ def test_options_read_the_mpi_process_count_and_index(impl, monkeypatch):
     assert (distributed_options.numProcesses, distributed_options.processId) == (1, 0)
 
 
+def test_options_are_serialised_only_with_an_output_mode(impl):
+    """``toDict`` (what the executor hands the compiler) refuses the unresolved ``Default`` output mode."""
+    pt = impl.poptorch
+    with pytest.raises(AssertionError, match="output mode must be picked"):
+        pt.Options().toDict()
+    opts = pt.Options().deviceIterations(3).outputMode(pt.OutputMode.All)
+    opts.Training.gradientAccumulation(2)
+    opts._Popart.set("enableStableNorm", True)
+    merged = opts.toDict()
+    assert (merged["output_mode"], merged["device_iterations"], merged["gradient_accumulation"]) == (2, 3, 2)
+    assert merged["enableStableNorm"] is True
+
+
 def test_memory_proportions_may_be_ints(impl):
     opts = impl.poptorch.Options().deviceIterations(2).setAvailableMemoryProportion({"IPU0": 1, "IPU1": 0.2})
     compile_model(impl, opts, ipus=(0, 1))
@@ -171,12 +187,14 @@ PROJECT_KEYS = [
     ("convolutionOptions", {"partialsType": "half", "enableConvDithering": "true"}),
     ("engineOptions", {"opt.internalExchangeOptimisationTarget": "balanced",
                        "target.deterministicWorkers": "portable"}),
-    ("groupNormStridedChannelGrouping", True), ("explicitRecomputation", True), ("autoRecomputation", 4),
+    ("groupNormStridedChannelGrouping", True), ("explicitRecomputation", True),
     ("scheduleNonWeightUpdateGradientConsumersEarly", True), ("disableGradAccumulationTensorStreams", True),
-    ("disableOptimizerStateTensorStreams", True), ("accumulateOuterFragmentSettings.schedule", 3),
+    ("disableOptimizerStateTensorStreams", True),
     ("accumulateOuterFragmentSettings.schedule", _Schedule.OverlapMemoryOptimized),  # int enums are ints
-    ("replicatedCollectivesSettings.prepareScheduleForMergingCollectives", True),
     ("replicatedCollectivesSettings.mergeAllReduceCollectives", True),
+    # every value of the project's enum maps (ipu_options/plan.py) is in its PopART enum's range
+    *[("autoRecomputation", v) for v in RECOMPUTATION_TYPE.values()],
+    *[("accumulateOuterFragmentSettings.schedule", v) for v in OUTER_FRAGMENT_SCHEDULE.values()],
 ]
 
 
@@ -193,6 +211,10 @@ WRONG = [
     ("disableOptimizerStateTensorStreams", "true", "Unknown string option"),
     ("accumulateOuterFragmentSettings.schedule", 3.0, "Unknown double option"),
     ("accumulateOuterFragmentSettings.schedule", -1, "not an unsigned integer"),
+    # PopART 3.4's enums (sessionoptions.hpp): 4 schedules, 5 recomputation types, 3 synthetic data modes
+    ("accumulateOuterFragmentSettings.schedule", 4, "AccumulateOuterFragmentSchedule out of range"),
+    ("autoRecomputation", 5, "RecomputationType out of range"),
+    ("syntheticDataMode", 3, "SyntheticDataMode out of range"),
     ("engineOptions", "target.deterministicWorkers=portable", "Unknown string option"),
     ("engineOptions", ("target.deterministicWorkers", "portable"), "Unknown container option"),
 ]
@@ -205,6 +227,79 @@ def test_popart_refuses_unknown_keys_and_values_of_another_kind(impl, key, value
     assert opts._Popart.options[key] == value
     with impl.rejects(PoptorchError, message):
         compile_model(impl, opts)
+
+
+def test_popart_refuses_the_serial_schedule_when_preparing_merged_collectives(impl):
+    """PopART's transform that lines up collectives for merging refuses the Serial outer-fragment schedule, which is
+    also PopART's default (transforms/contiguatecollectivesformerging.cpp); the other schedules take it."""
+    pt = impl.poptorch
+    for schedule in (0, 2, 3):
+        opts = pt.Options()
+        opts._Popart.set("replicatedCollectivesSettings.prepareScheduleForMergingCollectives", True)
+        opts._Popart.set("accumulateOuterFragmentSettings.schedule", schedule)
+        compile_model(impl, opts)
+    for schedule in (1, None):  # explicit, or PopART's default
+        opts = pt.Options()
+        opts._Popart.set("replicatedCollectivesSettings.prepareScheduleForMergingCollectives", True)
+        if schedule is not None:
+            opts._Popart.set("accumulateOuterFragmentSettings.schedule", schedule)
+        with impl.rejects(PoptorchError, "prepareScheduleForMergingCollectives cannot be used with the Serial"):
+            compile_model(impl, opts)
+
+
+def test_popart_refuses_clipping_a_pipeline_under_the_serial_schedule(impl):
+    """transforms/clipweightgradientsbynorm.cpp: gradient clipping on a pipeline (more than one IPU) refuses the
+    Serial schedule; PopTorch picks Scheduler itself when none is set (Compiler.cpp), and one IPU takes Serial."""
+    pt = impl.poptorch
+
+    def training(schedule, ipus=(0, 1)):
+        opts = pt.Options()
+        opts.Training.gradientAccumulation(3)
+        if schedule is not None:
+            opts._Popart.set("accumulateOuterFragmentSettings.schedule", schedule)
+        compile_model(impl, opts, ipus=ipus, training=True, max_grad_norm=1.0)
+
+    training(None)
+    training(3)
+    training(1, ipus=(0,))
+    with impl.rejects(PoptorchError, "cannot clip gradients under the Serial schedule"):
+        training(1)
+
+
+# ------------------------------------------------------------------------------------ executable cache lock
+def _compile_as_instance(impl, cache, instance, instances):
+    """One process of an ``instances``-process job (``configureProcessId``) compiling the same model into
+    ``cache``."""
+    opts = impl.poptorch.Options()
+    opts.Distributed.configureProcessId(instance, instances)
+    opts.enableExecutableCaching(str(cache))
+    compile_model(impl, opts)
+
+
+def _lock_counts(folder):
+    """Each lock file's count: how many processes have passed it (one character each)."""
+    return sorted(path.stat().st_size for path in folder.glob("*.lock"))
+
+
+def test_the_compile_lock_goes_once_every_instance_has_passed_one_shared_folder(impl, tmp_path):
+    """PopTorch's lock in the executable cache (python/_impl.py, distributedCacheLock) counts the processes that
+    compiled a model; the one that completes the job's count deletes it, so a shared folder is left clean."""
+    cache = tmp_path / "exe-cache"
+    for instance in range(4):
+        _compile_as_instance(impl, cache, instance, 4)
+        assert _lock_counts(cache) == ([instance + 1] if instance < 3 else [])
+    for instance in range(4):  # a later compile of the same model starts a fresh count, and ends clean again
+        _compile_as_instance(impl, cache, instance, 4)
+    assert _lock_counts(cache) == []
+
+
+def test_the_compile_lock_stays_in_per_host_cache_folders(impl, tmp_path):
+    """Why docs/ipu.md asks for one folder per job: 4 instances on 2 hosts with a folder each never complete the
+    count of 4 in either folder, so both locks stay (and a later compile never finds itself first)."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for instance in range(4):
+        _compile_as_instance(impl, hosts[instance // 2], instance, 4)
+    assert [_lock_counts(host) for host in hosts] == [[2], [2]]
 
 
 # --------------------------------------------------------------------------------------------- pipelining
@@ -283,7 +378,7 @@ def test_optimizers_take_every_argument_positionally_and_check_accumulators(impl
 
 def test_tf_rmsprop_steps_as_tensorflow_computes_them(impl):
     """Two steps of ``poptorch.optim.RMSprop(use_tf_variant=True)`` equal the CPU/GPU backend's RMSpropTF with
-    the same hyperparameters (and the mean square starting at 1, an open point on IPUs: docs/ipu.md)."""
+    the same hyperparameters (the mean square starting at 1, as PopART's TF variant initialises it: docs/ipu.md)."""
     impl.needs_ipus()
     pt = impl.poptorch
     torch.manual_seed(0)
@@ -380,6 +475,40 @@ def test_a_few_training_steps_and_validation(impl, tmp_path, pipeline):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/top1@16" in m for m in metrics)
+
+
+@pytest.mark.parametrize("extra", [
+    ["ipu.outer_fragment_schedule=serial"],  # the plan leaves merging off: PopART refuses it with serial
+    ["optimizer.name=sgd", "optimizer.clip_grad_norm=1.0",
+     "ipu.pipeline=[{start: stem, ipu: 0}, {start: blocks.3.0, ipu: 1}]"],  # a clipped pipeline, default schedule
+], ids=["serial-schedule", "clipped-pipeline"])
+def test_compile_only_with_replicas_and_an_outer_fragment_schedule(impl, extra):
+    """With several replicas the plan sets PopART's outer-fragment schedule: what it sends compiles."""
+    items = TINY + [f"precision.compute={impl.precision}", "ipu.replicas=2"] + extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ipu_main(_args(items) + ["--compile-only"]) == 0
+
+
+def test_an_exported_executable_loads_back_into_poptorch(impl, tmp_path):
+    """docs/inference.md: PopTorch 3.4 loads an executable written by ``compileAndExport`` back into an inference
+    model of the same network (``loadExecutable``; python/_poplar_executor.py and tests/precompilation_test.py)."""
+    if impl.fake:
+        pytest.skip("the project never loads an executable back, so the fake does not model loadExecutable")
+    impl.needs_ipus()
+    pt = impl.poptorch
+    torch.manual_seed(0)
+    model, x = Pipelined(pt, [0]).eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "model.popef"
+    exporter = pt.inferenceModel(model, options=pt.Options().useOfflineIpuTarget())
+    exporter.compileAndExport(str(path), x, export_model=False)
+    exporter.destroy()
+    loaded = pt.inferenceModel(model, options=pt.Options())
+    loaded.loadExecutable(str(path))
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
+    loaded.destroy()
 
 
 def test_ipu_backend_without_poptorch_says_how_to_get_it(monkeypatch, capsys):

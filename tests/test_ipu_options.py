@@ -215,6 +215,16 @@ ERRORS = [
     (["finetune.enabled=true", "finetune.gradient_accumulation=8",
       "ipu.finetune={pipeline: [{start: stem, ipu: 0}, {start: blocks.7.0, ipu: 1}]}"],
      "ipu.finetune.pipeline[1].start: 'blocks.7.0' is not a split point"),
+    (["ipu.replicas=2", "ipu.outer_fragment_schedule=serial", "ipu.merge_collectives=true"],
+     "ipu.merge_collectives: true with ipu.outer_fragment_schedule: 'serial' (ipu.replicas: 2): PopART refuses to "
+     "prepare the schedule for merged all-reduces"),
+    (["ipu.replicas=2", "ipu.outer_fragment_schedule=serial", "optimizer.name=sgd", "optimizer.clip_grad_norm=1.0"],
+     "optimizer.clip_grad_norm: 1.0 with ipu.outer_fragment_schedule: 'serial' (ipu.replicas: 2) on a 2-IPU "
+     "pipeline (ipu.pipeline): PopART cannot clip the gradients of a pipeline under the serial outer-fragment "
+     "schedule; use another schedule (scheduler, overlap_cycles, overlap_memory) or turn clipping off"),
+    (["finetune.enabled=true", "finetune.optimizer={clip_grad_norm: 2.0}", "ipu.replicas=2",
+      "ipu.outer_fragment_schedule=serial", "ipu.merge_collectives=false"],
+     "finetune.optimizer.clip_grad_norm: 2.0 with ipu.outer_fragment_schedule: 'serial'"),
 ]
 
 
@@ -224,6 +234,60 @@ def test_each_validation_error_names_the_key_and_what_is_allowed(overrides, mess
     with pytest.raises((ConfigError, PlanError)) as err:  # loading the section, or planning the phase
         plans(small(*overrides))
     assert message in str(err.value)
+
+
+SCHEDULE_SERIAL = Call("_Popart.set", ("accumulateOuterFragmentSettings.schedule", 1))
+PREPARE_MERGING = Call("_Popart.set", ("replicatedCollectivesSettings.prepareScheduleForMergingCollectives", True))
+MERGE_ALL_REDUCES = Call("_Popart.set", ("replicatedCollectivesSettings.mergeAllReduceCollectives", True))
+
+
+def test_the_serial_schedule_turns_unset_merging_off_and_describe_says_so(capsys):
+    """PopART refuses to prepare merged collectives under the serial outer-fragment schedule: an unset
+    ipu.merge_collectives is off with serial (and on with the others), and --describe shows the choice."""
+    (plan,) = plans(small("ipu.replicas=2", "ipu.outer_fragment_schedule=serial"))
+    calls = training_calls(plan)
+    assert SCHEDULE_SERIAL in calls and PREPARE_MERGING not in calls and MERGE_ALL_REDUCES not in calls
+    (plan,) = plans(small("ipu.replicas=2", "ipu.outer_fragment_schedule=scheduler"))
+    calls = training_calls(plan)
+    assert PREPARE_MERGING in calls and MERGE_ALL_REDUCES in calls and plan.notes == ()
+    (plan,) = plans(small("ipu.replicas=2", "ipu.merge_collectives=false"))
+    assert PREPARE_MERGING not in training_calls(plan)
+    assert ipu_main(["--config", str(B0_HALF), "--set", "ipu.outer_fragment_schedule=serial", "--describe"]) == 0
+    for phase in json.loads(capsys.readouterr().out)["phases"]:
+        assert (phase["outer_fragment_schedule"], phase["merge_collectives"]) == ("serial", False)
+        assert phase["notes"] == ["ipu.merge_collectives: off (unset): PopART cannot prepare merged all-reduces "
+                                  "under ipu.outer_fragment_schedule: 'serial'"]
+        calls = phase["training_options"]["calls"]
+        assert {"call": "_Popart.set", "args": ["accumulateOuterFragmentSettings.schedule", 1]} in calls
+        assert not any("Collectives" in str(c["args"]) for c in calls)
+
+
+def test_describe_refuses_the_serial_schedule_with_merging_or_clipping_on_one_line(capsys):
+    args = ["--config", str(B0_HALF), "--set", "ipu.outer_fragment_schedule=serial", "--describe"]
+    assert ipu_main(args[:-1] + ["--set", "ipu.merge_collectives=true", "--describe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ipu.merge_collectives: true with ipu.outer_fragment_schedule: 'serial' "
+                          "(ipu.replicas: 8)") and err.count("\n") == 1
+    assert ipu_main(args[:-1] + ["--set", "optimizer.name=sgd", "--set", "optimizer.clip_grad_norm=1.0",
+                                 "--describe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optimizer.clip_grad_norm: 1.0 with ipu.outer_fragment_schedule: 'serial' "
+                          "(ipu.replicas: 8) on a 2-IPU pipeline") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("overrides,schedule,note", [
+    (["ipu.replicas=2"], [3], None),  # the default schedule (overlap_memory) takes clipping
+    (["ipu.outer_fragment_schedule=serial"], [],  # one replica: none is set, and PopTorch picks Scheduler itself
+     "ipu.outer_fragment_schedule: not set with one replica; PopTorch picks Scheduler itself because the optimizer "
+     "clips gradients (optimizer.clip_grad_norm)"),
+    (["ipu.replicas=2", "ipu.outer_fragment_schedule=serial", "ipu.pipeline=[{start: stem, ipu: 0}]"], [1],
+     "ipu.merge_collectives: off (unset): PopART cannot prepare merged all-reduces under "
+     "ipu.outer_fragment_schedule: 'serial'"),  # no pipeline: serial takes clipping
+], ids=["overlap-memory", "one-replica", "one-ipu"])
+def test_clipping_is_allowed_wherever_popart_takes_it(overrides, schedule, note):
+    (plan,) = plans(small("optimizer.name=sgd", "optimizer.clip_grad_norm=1.0", *overrides))
+    assert [c.args[1] for c in training_calls(plan) if c.args and c.args[0] == SCHEDULE_SERIAL.args[0]] == schedule
+    assert plan.notes == (() if note is None else (note,))
 
 
 def test_auto_round_allows_three_ipus_and_asks_poptorch_to_round():

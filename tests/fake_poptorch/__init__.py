@@ -19,6 +19,10 @@ Options (``python/options.py`` and the ``python/_options_impl.py`` it imports)
     pybind layer, ``python/poptorch.cpp``): bool, unsigned int (``IntEnum`` members included; negative refused),
     double, string, container of strings (list, tuple, set) or string map. :data:`POPART_OPTIONS` holds only the
     keys this project sets, and the keys PopTorch's own setters write for it, with the kinds of their values.
+    An enum key takes only its enum's values (:data:`POPART_ENUMS`, from PopART's ``sessionoptions.hpp``): a larger
+    int is refused ("Value for ... out of range").
+  - ``Options.toDict()`` (what the executor hands the compiler) asserts that an output mode was picked ("An output
+    mode must be picked before serialisation"): ``Default`` is resolved by the executor first.
   - ``randomSeed``: the seed reaches the compiler as an unsigned 64-bit integer, so a negative one is refused
     (the fake refuses it at compile time).
 
@@ -37,6 +41,16 @@ Compiling (``python/_poplar_executor.py``, ``popart_compiler/source/Compiler.cpp
     (``assertSingleInstanceMaxNumIPUs``; the fake applies it to offline targets too, which is not confirmed)
     and, when acquiring real IPUs, a power of two unless
     ``autoRoundNumIPUs(True)``; offline targets (``useOfflineIpuTarget``) skip the power-of-two rule.
+  - The accumulate outer fragment schedule (PopART's default: Serial; PopTorch sets Scheduler itself, where none is
+    set, when an optimizer clips gradients: ``Compiler.cpp``): PopART refuses Serial with
+    ``replicatedCollectivesSettings.prepareScheduleForMergingCollectives``
+    (``willow/src/transforms/contiguatecollectivesformerging.cpp`` in the PopART sources), and Serial with gradient
+    clipping when pipelining, i.e. on more than one IPU (``willow/src/transforms/clipweightgradientsbynorm.cpp``).
+  - The executable cache across processes (``python/_impl.py``, ``distributedCacheLock``): with more than one process
+    and a cache folder, each compile appends one character to ``<md5 of repr(model)>.lock`` in the folder under an
+    exclusive ``flock``; the first process compiles while holding it, and the process whose character makes the count
+    equal to the number of processes deletes the file. So the file goes only once every process of the job has
+    passed it in that folder.
   - Inputs: the batch dimension divisible by device iterations x replicas x accumulation
     (``PoplarExecutor._narrow_tensor``); a compiled model only takes the shapes it was compiled for. Only one
     model can hold the IPUs at a time; ``ConnectionType.Never`` models can only be compiled.
@@ -45,7 +59,9 @@ Optimizers (``python/optim.py``)
   - The constructors have torch 2.0.1's parameters, positional or keyword, then PopTorch's extras; accumulator
     dtypes must be ``torch.float32`` or ``torch.float16``. ``RMSprop(use_tf_variant=True)`` is TensorFlow's
     RMSProp (eps inside the square root, the learning rate inside the momentum buffer), implemented here on its
-    own, with the mean square starting at 1 as TensorFlow's does: whether PopART starts it at 1 is not confirmed.
+    own, with the mean square starting at 1 as TensorFlow's does, and as PopART does for the TF variant (its
+    adaptive optimizer decomposition, ``willow/src/patterns/adaptivedecompose.cpp``, creates that accumulator
+    filled with ones).
   - Optimizer state and PopART's ``disableOptimizerStateTensorStreams``: with the streams, ``state_dict()`` after
     compiling is the device's state, and a detach/attach copies it out and back. Without them the host copy is
     never updated from the device, and nothing can be uploaded: the fake's ``state_dict()`` then returns the
@@ -79,14 +95,17 @@ follow ``outputMode``. ``install(monkeypatch)`` puts fresh ``poptorch``, ``popdi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
+import fcntl
+import hashlib
 import json
 import math
 import os
 import sys
 import types
-from typing import Any, DefaultDict, Dict, List, Optional
+from typing import Any, DefaultDict, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
@@ -162,6 +181,21 @@ POPART_OPTIONS = {
 }
 
 
+#: PopART enum options among them: the enum and how many values it has (``sessionoptions.hpp`` of PopART 3.4);
+#: the compiler refuses a larger int ("Value for ... out of range", ``SessionOptions.cpp``).
+POPART_ENUMS = {
+    # None, Standard, NormOnly, Pipeline, RecomputeAll
+    "autoRecomputation": ("RecomputationType", 5),
+    # Scheduler, Serial, OverlapCycleOptimized, OverlapMemoryOptimized
+    "accumulateOuterFragmentSettings.schedule": ("AccumulateOuterFragmentSchedule", 4),
+    # Off, Zeros, RandomNormal
+    "syntheticDataMode": ("SyntheticDataMode", 3),
+}
+SCHEDULE_KEY = "accumulateOuterFragmentSettings.schedule"
+SCHEDULER, SERIAL = 0, 1  # AccumulateOuterFragmentSchedule values; Serial is PopART's default
+PREPARE_MERGING_KEY = "replicatedCollectivesSettings.prepareScheduleForMergingCollectives"
+
+
 def _value_kind(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return BOOL
@@ -188,6 +222,8 @@ def check_popart_options(options: Dict[str, Any]) -> None:
             raise PoptorchError(f"Unknown {kind} option {key!r} (it takes a {POPART_OPTIONS[key]})")
         if kind == UINT and value < 0:
             raise PoptorchError(f"Option {key!r}: {value} is not an unsigned integer")
+        if key in POPART_ENUMS and value >= POPART_ENUMS[key][1]:
+            raise PoptorchError(f"Value for {POPART_ENUMS[key][0]} out of range ({key}={value})")
         if kind == MAP and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise PoptorchError(f"Option {key!r} maps strings to strings, got {value!r}")
 
@@ -466,6 +502,15 @@ class Options(OptionsDict):
         self._popart.set("enableStableNorm", enabled)
         return self
 
+    def toDict(self) -> Dict[str, Any]:
+        """Every option in one dict, as the compiler is given them; refused while the output mode is still
+        ``Default`` (the executor resolves it to Final or All first)."""
+        assert self.output_mode != int(OutputMode.Default), "An output mode must be picked before serialisation"
+        out = dict(self._popart.options)
+        for part in (self, self._training, self._distributed, self._tensor_locations):
+            out.update(part._values)
+        return out
+
     def clone(self) -> "Options":
         return copy.deepcopy(self)
 
@@ -593,16 +638,63 @@ class PoplarExecutor:
                 ipus.append(block[1] if block[1] is not None else 0)
         return ipus or [0]
 
+    def _check_outer_fragment_schedule(self, used_ipus: int) -> None:
+        """PopART's two refusals of the Serial outer-fragment schedule (its default). PopTorch sets the Scheduler
+        schedule itself, where none is set, when an optimizer clips gradients (``Compiler.cpp``)."""
+        popart = self._options._Popart.options
+        clipping = self._training and math.isfinite(getattr(self._optimizer, "max_grad_norm", math.inf))
+        schedule = popart.get(SCHEDULE_KEY, SCHEDULER if clipping else SERIAL)
+        if schedule != SERIAL:
+            return
+        if popart.get(PREPARE_MERGING_KEY, False):  # transforms/contiguatecollectivesformerging.cpp
+            raise PoptorchError(f"Incompatible options: {PREPARE_MERGING_KEY} cannot be used with the Serial "
+                                "accumulate outer fragment schedule")
+        if clipping and used_ipus > 1:  # transforms/clipweightgradientsbynorm.cpp (pipelining: more than 1 IPU)
+            raise PoptorchError("Incompatible accumulate outer fragment schedule with gradient clipping: a pipeline "
+                                "cannot clip gradients under the Serial schedule")
+
+    @contextlib.contextmanager
+    def _cache_lock(self) -> Iterator[bool]:
+        """PopTorch's compile lock for several processes sharing an executable cache (``python/_impl.py``,
+        ``distributedCacheLock``): a file ``<md5 of repr(model)>.lock`` in the cache folder, to which each process
+        appends one character under an exclusive lock; the first one compiles while holding it, and the process
+        that brings the count to the number of processes deletes the file."""
+        o = self._options
+        cache = o._Popart.options.get("cachePath", "")
+        if o.Distributed.numProcesses <= 1 or not cache:
+            yield False
+            return
+        os.makedirs(cache, exist_ok=True)
+        assert os.access(cache, os.W_OK), f"Cache folder {cache} is not writable"
+        path = os.path.join(cache, hashlib.md5(repr(self._user_model).encode("utf-8")).hexdigest() + ".lock")
+        last = False
+        try:
+            with open(path, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    f.write("0")
+                    f.flush()
+                    last = f.tell() == o.Distributed.numProcesses
+                    yield f.tell() == 1
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            if last:
+                os.remove(path)
+
     def compile(self, *args) -> None:
         if self._compiled:
             return
         self._check_inputs(args)
+        with self._cache_lock():
+            pass  # every process passes the lock once per compile (the fake's compile is the checks below)
         o = self._options
         check_popart_options(o._Popart.options)
         seed = o.random_seed if o.exists("random_seed") else 0
         if not 0 <= seed < 2 ** 64:
             raise PoptorchError(f"randomSeed({seed}): the seed is an unsigned 64-bit integer")
         ipus = self._block_ipus()
+        self._check_outer_fragment_schedule(len(set(ipus)))
         stages = 1 + sum(a != b for a, b in zip(ipus, ipus[1:], strict=False))
         per_process = (max(ipus) + 1) * o.replication_factor
         offline = o.connection_type == int(ConnectionType.Never)

@@ -124,11 +124,19 @@ class _OneEpoch:
 
 # ------------------------------------------------------------------------------------------ model wrappers
 class PerSampleEval(nn.Module):
-    """Inference forward: per-sample loss (label-smoothed, as in training) and top-1/top-5 hits."""
+    """Inference forward: per-sample loss (label-smoothed, as in training) and top-1/top-5 hits, for one input
+    resolution.
 
-    def __init__(self, task: ClassificationTask):
+    The resolution is part of the module's ``repr``: PopTorch names the compile lock it keeps in a shared
+    executable cache after ``repr(model)`` (docs/ipu.md, "Executable cache"), so each validation executable gets
+    its own lock instead of every resolution sharing one."""
+
+    def __init__(self, task: ClassificationTask, resolution: int):
         super().__init__()
-        self.task = task
+        self.task, self.resolution = task, resolution
+
+    def extra_repr(self) -> str:
+        return f"resolution={self.resolution}"
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.task
@@ -354,7 +362,7 @@ class IPUBackend(Backend):
 
     def _eval_model(self, resolution: int) -> Any:
         if resolution not in self.eval_models:
-            wrapper = PerSampleEval(self.ipu_task)
+            wrapper = PerSampleEval(self.ipu_task, resolution)
             self.eval_models[resolution] = self.poptorch.inferenceModel(wrapper, options=self.eval_opts)
         return self.eval_models[resolution]
 
