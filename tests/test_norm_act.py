@@ -327,4 +327,9 @@ def test_the_ipu_traces_the_plain_modules(monkeypatch):
     calls.clear()
     on_ipu = poptorch.inferenceModel(model, poptorch.Options())(x)
     assert not calls, "under PopTorch auto must run the plain modules"
-    torch.testing.assert_close(on_ipu, on_cpu, rtol=1e-5, atol=1e-5)
+    # Both paths compute the same fp32 network with sums in other orders. Each of its ~30 normalised layers
+    # reduces over at most K = 4096 values (a LayerNorm over C x H x W), adding a relative error of about
+    # sqrt(K) * eps_fp32 = 64 * 1.2e-7 = 7.6e-6 (rounding errors of a reordered sum add up like a random walk), and
+    # the norms keep the errors from compounding: 30 * 7.6e-6 ~ 2.3e-4 of the output's scale. (An elementwise 1e-5
+    # sat at the rounding noise of near-zero logits: it failed on AVX2 kernels, 1.4e-5 against logits up to 4.7.)
+    assert rel_err(on_ipu, on_cpu) < 2.3e-4
