@@ -52,8 +52,9 @@ PYTEST_ARGS ?=
 TRAIN_ARGS  ?=
 TRAIN_CONFIG ?= configs/demo-fashion-mnist.yml
 BENCH_ARGS  ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: help venv venv-sdk34 data jpeg train test test-fast test-sdk34 lint bench lock lock-sdk34 \
+.PHONY: help venv venv-sdk34 data jpeg train test test-fast test-sdk34 lint bench gpu-check lock lock-sdk34 \
         venv-path venv-prune clean
 
 help: ## list the targets
@@ -61,7 +62,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables: PYTEST_ARGS, TRAIN_ARGS, TRAIN_CONFIG, BENCH_ARGS, PYTHON, PYTHON_SDK34, VENV_ROOT"
+	@echo "Variables: PYTEST_ARGS, TRAIN_ARGS, TRAIN_CONFIG, BENCH_ARGS, GPU_CHECK_ARGS, OUT, PYTHON, PYTHON_SDK34, VENV_ROOT"
 	@echo "venv:       $(VENV)"
 	@echo "sdk34 venv: $(SDK34_VENV)"
 
@@ -176,6 +177,11 @@ test-sdk34: venv-sdk34 data jpeg ## run the tests under Python 3.10 + torch 2.0.
 
 bench: venv ## throughput benchmark: python -m bench.throughput $(BENCH_ARGS)
 	"$(PY)" -m bench.throughput $(BENCH_ARGS)
+
+# No venv prerequisite: on a lent GPU machine the venv comes with the clone (.venv) and nothing can be installed.
+GPU_CHECK_PY = $(if $(wildcard .venv/bin/python),$(CURDIR)/.venv/bin/python,$(PY))
+gpu-check: ## the GPU check in one command, results as JSON lines under OUT (GPU_CHECK_ARGS=--dry-run: on CPU)
+	bash bench/gpu_check.sh PY="$(GPU_CHECK_PY)" $(if $(OUT),OUT="$(OUT)") $(GPU_CHECK_ARGS)
 
 clean: ## remove caches and the .venv link from the clone (venvs in VENV_ROOT are kept)
 	rm -rf .pytest_cache

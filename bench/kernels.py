@@ -8,7 +8,8 @@ normalised swish, the B0-G16-LN+PN unit) three ways, in the same process:
 - ``batchnorm``: ``BatchNorm2d + SiLU`` (``BatchNorm2d`` alone for ``scale``), the BN baseline's unit.
 
 and measures the GPU's copy bandwidth with a large ``Tensor.copy_`` (read + write). One JSON line per
-(shape, path), after a ``copy`` line; the fused line carries a per-kernel breakdown (torch.profiler device times).
+(layout, shape, path), after a ``copy`` line (``--layout nhwc,nchw`` runs every shape in both); the fused line
+carries a per-kernel breakdown (torch.profiler device times).
 ``--model efficientnet-b0`` runs every norm unit of B0-G16-LN+PN at ``--resolution`` (160) and ``--batch`` (768)
 instead, then a ``total`` line: the summed fwd+bwd norm time per path, weighted by how often each unit occurs.
 
@@ -244,6 +245,13 @@ def parse_shapes(texts: Optional[List[str]]) -> List[List[int]]:
     return shapes
 
 
+def _layouts(text: str) -> List[str]:
+    layouts = [v.strip() for v in text.split(",") if v.strip()]
+    if not layouts or any(v not in ("nhwc", "nchw") for v in layouts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected nhwc, nchw or nhwc,nchw")
+    return layouts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=160, help="for --model")
     p.add_argument("--batch", type=int, default=768, help="for --model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc")
+    p.add_argument("--layout", type=_layouts, default=["nhwc"],
+                   help="nhwc, nchw, or both comma-separated (every shape in each, in that order; one with --model)")
     p.add_argument("--norm", choices=("layer", "group"), default="layer")
     p.add_argument("--groups", type=int, default=4, help="groups for --norm group")
     p.add_argument("--kind", choices=KINDS, default="full",
@@ -269,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    layouts = args.layout
+    if args.model and len(layouts) > 1:
+        parser.error("--model takes one --layout (its total line sums one layout's units)")
+    args.layout = layouts[0]
     if not torch.cuda.is_available() and not CPU_SMOKE:
         fail("needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
              f"(torch {torch.__version__}); the fused kernels are Triton GPU kernels. Nothing was measured.")
@@ -290,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp.update(device=name, torch=torch.__version__, triton=getattr(fn.triton, "__version__", None))
     print(json.dumps(cp), flush=True)
     totals: Dict[str, float] = {}
-    for shape, kind, count in jobs:
+    for layout, (shape, kind, count) in [(layout, job) for layout in layouts for job in jobs]:
+        args.layout = layout
         for line in bench_shape(shape, args, cp["gbs"], kind):
             line["count"] = count
             print(json.dumps(line), flush=True)

@@ -6,6 +6,10 @@ pipeline's. It prints one JSON line per (model, resolution) with the median imag
 warm-up; CUDA is synchronised after each step), peak memory, the activation memory autograd saves, parameters and
 MACs per image.
 
+``--norm-autograd`` and ``--fused-norm`` run every model on each of the given norm paths (the memory-lean autograd
+Function or the plain modules; the Triton kernels with ``--fused-norm on``, CUDA only); our lines carry the
+``norm_autograd`` and ``fused_norm`` values their model was built with.
+
 Every configuration is built and warmed up first; then ``--repeats`` rounds each run ``--steps`` timed steps of
 every configuration in turn, so a machine shared with other work slows all of them alike. Ratios between two
 configurations are the median over rounds of the ratio within a round: ``vs_<other>`` of wall-clock images/s,
@@ -38,13 +42,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.fused_norm import FUSED_MODES
 from models.measure import count_macs
 from models.norm_act import NORM_AUTOGRAD_MODES, NormAutograd
 from train.config import ConfigError, load_config
@@ -52,6 +57,7 @@ from train.config import ConfigError, load_config
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 TIMM_MODELS = ("efficientnet_b0", "efficientnet_b0_gn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FusedNorm = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -301,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-autograd", type=_csv, default=None, metavar="MODES",
                    help="comma-separated model.norm_autograd values (auto, function, modules) to run every model "
                         "with; labels get a [mode] suffix. Default: each preset's own")
+    p.add_argument("--fused-norm", type=_csv, default=None, metavar="MODES",
+                   help="comma-separated model.fused_norm values (auto, on, off) to run every model with, crossed "
+                        "with --norm-autograd; labels get a fused=<mode> suffix (on: the Triton kernels, which take "
+                        "precedence over --norm-autograd, so that part of the label is dropped; group/layer norm "
+                        "presets only). Default: each preset's own")
     p.add_argument("--reference", default=None, metavar="LABEL",
                    help="one of our configurations (e.g. efficientnet-b0-g16-gn[function]): every other line gets "
                         "vs_<LABEL> (images/s ratio), mem_vs_<LABEL> and saved_vs_<LABEL> at the same resolution")
@@ -314,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs), as train.compile_mode")
     p.add_argument("--optimizer", choices=["rmsprop", "sgd"], default="rmsprop")
     p.add_argument("--compare-timm", action="store_true", help=f"also run timm's {' and '.join(TIMM_MODELS)}")
+    p.add_argument("--timm-models", type=_csv, default=list(TIMM_MODELS), metavar="NAMES",
+                   help="with --compare-timm: which of them (comma-separated; default both)")
     p.add_argument("--timm-resolution", type=int, default=224,
                    help="resolution of the cross-resolution baseline (adds vs_timm_efficientnet_b0_<this>)")
     p.add_argument("--threads", type=int, default=None,
@@ -326,6 +339,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def our_configs(presets: Dict[str, ModelConfig], names: Sequence[str], modes: Sequence[Optional[str]],
+                fused_modes: Sequence[Optional[str]]) -> List[Tuple[str, ModelConfig]]:
+    """Every (preset, norm_autograd, fused_norm) combination asked for, as (label, model config), labelled by
+    what was asked: ``name``, ``name[function]``, ``name[modules,fused=off]``, ``name[fused=on]``. The Triton
+    kernels (fused_norm on) take precedence over the norm path, so its mode is left out of their label and the
+    combinations that would repeat one are dropped."""
+    out: List[Tuple[str, ModelConfig]] = []
+    for name in names:
+        for mode in modes:
+            for fused in fused_modes:
+                cfg, parts = presets[name], []
+                if mode:
+                    cfg = replace(cfg, norm_autograd=cast(NormAutograd, mode))
+                    if fused != "on":
+                        parts.append(mode)
+                if fused:
+                    cfg = replace(cfg, fused_norm=cast(FusedNorm, fused))
+                    parts.append(f"fused={fused}")
+                label = f"{name}[{','.join(parts)}]" if parts else name
+                if label not in [seen for seen, _ in out]:
+                    out.append((label, cfg))
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -336,6 +373,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [m for m in modes if m is not None and m not in NORM_AUTOGRAD_MODES]
     if bad:
         parser.error(f"--norm-autograd {bad[0]!r} is not one of {', '.join(NORM_AUTOGRAD_MODES)}")
+    fused_modes: List[Optional[str]] = list(args.fused_norm or [None])
+    bad = [m for m in fused_modes if m is not None and m not in FUSED_MODES]
+    if bad:
+        parser.error(f"--fused-norm {bad[0]!r} is not one of {', '.join(FUSED_MODES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -355,15 +396,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    ours = [(f"{name}[{mode}]" if mode else name,
-             replace(presets[name], norm_autograd=cast(NormAutograd, mode)) if mode else presets[name])
-            for name in args.models for mode in modes]
+    if "on" in fused_modes:
+        batch = [name for name in args.models if presets[name].norm == "batch"]
+        if batch:
+            parser.error(f"--fused-norm on: {batch[0]} uses batch norm; the fused kernels cover group and layer "
+                         "norm only (leave batch-norm presets out of that run)")
+    ours = our_configs(presets, args.models, modes, fused_modes)
     if args.reference is not None and args.reference not in [label for label, _ in ours]:
         parser.error(f"--reference {args.reference!r} is not one of the configurations: "
                      f"{', '.join(label for label, _ in ours)}")
+    bad = [name for name in args.timm_models if name not in TIMM_MODELS]
+    if bad or not args.timm_models:
+        parser.error(f"--timm-models {','.join(bad)!r}: choose from {', '.join(TIMM_MODELS)}")
     timm_runs: Dict[str, Run] = {}
     if args.compare_timm:
-        for name in TIMM_MODELS:
+        for name in args.timm_models:
             for res in sorted(set(args.resolutions) | {args.timm_resolution}):
                 torch.manual_seed(0)
                 timm_runs[f"{name}@{res}"] = prepare(f"timm:{name}", build_timm(name), res, settings)
@@ -372,6 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for res in args.resolutions:
             torch.manual_seed(0)
             our_runs[f"{label}@{res}"] = prepare(label, build_model(cfg), res, settings)
+            our_runs[f"{label}@{res}"].info.update(norm_autograd=cfg.norm_autograd, fused_norm=cfg.fused_norm)
     for _ in range(args.repeats):
         for run in list(timm_runs.values()) + list(our_runs.values()):
             run_round(run, settings)
@@ -379,8 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for run in timm_runs.values():
         print(json.dumps(result_line(run, settings)), flush=True)
     for run in our_runs.values():
-        peers = {f"timm_{name}": timm_runs[f"{name}@{run.resolution}"] for name in TIMM_MODELS if timm_runs}
-        if timm_runs:
+        peers = {f"timm_{name}": timm_runs[f"{name}@{run.resolution}"] for name in args.timm_models if timm_runs}
+        if f"efficientnet_b0@{args.timm_resolution}" in timm_runs:
             peers[f"timm_efficientnet_b0_{args.timm_resolution}"] = timm_runs[f"efficientnet_b0@{args.timm_resolution}"]
         ref = our_runs.get(f"{args.reference}@{run.resolution}")
         print(json.dumps(compared_line(run, peers, (args.reference, ref) if ref is not None else None, settings)),

@@ -526,6 +526,7 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.cuda
 @needs_cuda
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -571,6 +572,7 @@ def checkpoint_roundtrip(tmp_path: Path, device: str, saved_with: str, loaded_wi
             "keys_equal": list(src.state_dict()) == list(dst.state_dict())}
 
 
+@pytest.mark.cuda
 @needs_cuda
 @needs_kernels
 @pytest.mark.parametrize("saved_with,loaded_with", [("on", "off"), ("off", "on")])
@@ -584,12 +586,14 @@ def test_gpu_checkpoints_move_between_paths(tmp_path, monkeypatch, saved_with, l
     assert r["argmax_agree"] >= 0.99, r
 
 
+@pytest.mark.cuda
 @needs_cuda
 @needs_kernels
 def test_gpu_statistics_are_stable():
     assert max(stability("cuda")["stability"].values()) < 1e-3
 
 
+@pytest.mark.cuda
 @needs_cuda
 @needs_kernels
 def test_gpu_kernel_bench_runs(capsys):

@@ -97,7 +97,8 @@ def _randomised(channels: int) -> ProxyNormActivation:
 
 
 @pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_statistics_stay_fp32_under_bf16_autocast(device):
     """Autocast must not lower the quadrature: the moments under bf16 autocast equal the fp32 ones exactly, and
     the bf16 output is the fp32 output rounded (to bf16's precision). CUDA's autocast is the one that lowers
