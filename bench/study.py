@@ -441,8 +441,39 @@ def report(study: Study) -> List[Dict[str, Any]]:
     rows = list(records(study))
     if rows:
         write_results(study, rows)
+        (study.folder / "results.md").write_text(markdown_table(study, rows))
         plot(study, rows)
     return rows
+
+
+def markdown_table(study: Study, rows: List[Dict[str, Any]]) -> str:
+    """Every run as one row of a Markdown table (``results.md``; docs/results.md quotes it)."""
+    res = study.test_resolution
+    head = ["run", "variant", "px (train → fine-tune)", "micro-batch", "epochs (+ fine-tune)", f"top-1 @{res}",
+            f"top-5 @{res}", f"top-1 @{res} before fine-tune", "best of sweep", "training s", "train img/s",
+            "training G MACs", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok" or r["top1"] is None:
+            lines.append(f"| {r['run']} | {r['variant']} | failed (exit {r['exit_code']}) |" + " |" * (len(head) - 3))
+            continue
+        last = "finetune" if r["finetune_resolution"] else "train"
+        top5 = r["val"].get(f"{last}/epoch_avg/top5@{res}", r["val"].get(f"{last}/top5@{res}"))
+        before = r["val"].get(f"train/epoch_avg/top1@{res}", r["val"].get(f"train/top1@{res}")) \
+            if r["finetune_resolution"] else None
+        best = max(r["sweep"], key=lambda s: s["top1"], default=None)
+        px = f"{r['train_resolution']} → {r['finetune_resolution']}" if r["finetune_resolution"] else \
+            str(r["train_resolution"])
+        trainable = f", from {r['finetune_first_trainable']}" if r["finetune_resolution"] else ""
+        cells = [r["run"], r["variant"], px + trainable, str(r["micro_batch_size"]),
+                 f"{r['epochs']}" + (f" + {r['finetune_epochs']}" if r["finetune_epochs"] else ""),
+                 f"{100 * r['top1']:.2f}", f"{100 * top5:.2f}" if top5 is not None else "",
+                 f"{100 * before:.2f}" if before is not None else "",
+                 f"{100 * best['top1']:.2f} @{best['resolution']} ({best['phase']})" if best else "",
+                 f"{r['training_seconds']:.0f}", f"{r['train_images_per_s']}", f"{r['training_gmacs']:.0f}",
+                 str(r["peak_rss_mib"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(rows: List[Dict[str, Any]]) -> List[str]:

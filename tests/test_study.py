@@ -82,6 +82,8 @@ def test_a_micro_study_runs_skips_resumes_and_reports_failures(shared_imagenette
     at_64 = [s["top1"] for s in record["sweep"] if s["resolution"] == 64]
     assert at_64 == [record["top1"]]  # the sweep and the run's own validation agree
     assert (out / "figure1.png").stat().st_size > 0 and (out / "fixres.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert f"| a | G16-LN+PN | 32 | 32 | 3 | {100 * record['top1']:.2f} |" in table and "| broken |" in table
 
     # 2. Arm b, stopped by SIGTERM to the study's process group once it has a step checkpoint: exit 130, no record.
     proc = subprocess.Popen(study_cmd(study, out, "--arms", "b"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
