@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -348,13 +349,37 @@ def records(study: Study) -> Iterator[Dict[str, Any]]:
     for arm in study.arms:
         path = study.record_path(arm)
         if path.is_file():
-            yield json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            add_steady_time(study, record)
+            yield record
+
+
+def add_steady_time(study: Study, record: Dict[str, Any]) -> None:
+    """``<phase>_images_per_s_median`` (the median of the run's logged step-window rates, ``images_per_s`` in
+    ``metrics.jsonl``) and ``training_seconds_steady`` (each phase's images at that rate): the training time with
+    the windows in which other work slowed the machine left out (docs/results.md, "Time on a shared machine")."""
+    dirs = {"train": record["run_dir"], "finetune": record["run_dir"]}
+    if record.get("finetune_from"):
+        dirs["train"] = json.loads((study.folder / "arms" / f"{record['finetune_from']}.json").read_text())["run_dir"]
+    total = 0.0
+    for phase, run_dir in dirs.items():
+        images = record.get(f"{phase}_images")
+        metrics = Path(run_dir) / "metrics.jsonl" if run_dir else None
+        if not images or metrics is None or not metrics.is_file():
+            continue
+        rates = [line["images_per_s"] for line in map(json.loads, metrics.read_text().splitlines())
+                 if line.get("phase") == phase and "images_per_s" in line]
+        if rates:
+            record[f"{phase}_images_per_s_median"] = round(statistics.median(rates), 1)
+            total += images / statistics.median(rates)
+    record["training_seconds_steady"] = round(total, 1) if total else None
 
 
 # ------------------------------------------------------------------------------------------------ reports
 CSV_COLUMNS = ("arm", "run", "seed", "status", "variant", "train_resolution", "finetune_resolution",
                "finetune_first_trainable", "micro_batch_size", "epochs", "finetune_epochs", "top1",
-               "training_seconds", "train_seconds", "finetune_seconds", "train_images_per_s", "training_gmacs",
+               "training_seconds", "training_seconds_steady", "train_seconds", "finetune_seconds",
+               "train_images_per_s", "train_images_per_s_median", "finetune_images_per_s_median", "training_gmacs",
                "images_seen", "peak_rss_mib", "wall_seconds", "run_dir")
 
 
@@ -398,7 +423,7 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[Path]:
     arms = list(dict.fromkeys(r["arm"] for r in done))
     colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "training_seconds", "training wall time (s)"),
+    for ax, key, label in ((axes[0], "training_seconds_steady", "training time at the median step rate (s)"),
                            (axes[1], "training_gmacs", "training forward MACs (G)")):
         for arm in arms:
             mine = [r for r in done if r["arm"] == arm]
@@ -450,8 +475,8 @@ def markdown_table(study: Study, rows: List[Dict[str, Any]]) -> str:
     """Every run as one row of a Markdown table (``results.md``; docs/results.md quotes it)."""
     res = study.test_resolution
     head = ["run", "variant", "px (train → fine-tune)", "micro-batch", "epochs (+ fine-tune)", f"top-1 @{res}",
-            f"top-5 @{res}", f"top-1 @{res} before fine-tune", "best of sweep", "training s", "train img/s",
-            "training G MACs", "peak RSS MiB"]
+            f"top-5 @{res}", f"top-1 @{res} before fine-tune", "best of sweep", "training s (wall)",
+            "training s (median rate)", "train img/s (wall, median window)", "training G MACs", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok" or r["top1"] is None:
@@ -470,8 +495,9 @@ def markdown_table(study: Study, rows: List[Dict[str, Any]]) -> str:
                  f"{100 * r['top1']:.2f}", f"{100 * top5:.2f}" if top5 is not None else "",
                  f"{100 * before:.2f}" if before is not None else "",
                  f"{100 * best['top1']:.2f} @{best['resolution']} ({best['phase']})" if best else "",
-                 f"{r['training_seconds']:.0f}", f"{r['train_images_per_s']}", f"{r['training_gmacs']:.0f}",
-                 str(r["peak_rss_mib"])]
+                 f"{r['training_seconds']:.0f}", f"{r['training_seconds_steady'] or 0:.0f}",
+                 f"{r['train_images_per_s']}, {r.get('train_images_per_s_median', '')}",
+                 f"{r['training_gmacs']:.0f}", str(r["peak_rss_mib"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -485,10 +511,11 @@ def summarise(rows: List[Dict[str, Any]]) -> List[str]:
             lines.append(f"{arm}: failed ({', '.join(str(r['exit_code']) for r in rows if r['arm'] == arm)})")
             continue
         acc = [100 * r["top1"] for r in mine]
-        secs = [r["training_seconds"] for r in mine]
+        secs = [r["training_seconds_steady"] or r["training_seconds"] for r in mine]
         spread = f" ± {(max(acc) - min(acc)) / 2:.1f}" if len(acc) > 1 else ""
         lines.append(f"{arm}: top-1 {sum(acc) / len(acc):.1f}{spread} % over {len(acc)} seed(s), training "
-                     f"{sum(secs) / len(secs):.0f} s, {mine[0]['training_gmacs']:.0f} G forward MACs")
+                     f"{sum(secs) / len(secs):.0f} s at the median step rate, {mine[0]['training_gmacs']:.0f} G "
+                     "forward MACs")
     return lines
 
 

@@ -74,6 +74,8 @@ def test_a_micro_study_runs_skips_resumes_and_reports_failures(shared_imagenette
     assert "does not exist" in (out / "logs" / "broken.log").read_text()  # the trainer's own one-line error
     rows = {r["run"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert rows["a"]["status"] == "ok" and rows["broken"]["status"] == "failed"
+    rate = float(rows["a"]["train_images_per_s_median"])  # the median of the run's logged window rates
+    assert float(rows["a"]["training_seconds_steady"]) == pytest.approx(3 * 256 / rate, rel=1e-2)
     record = json.loads((out / "arms" / "a.json").read_text())
     assert record["images_seen"] == 3 * 256 and record["train_resolution"] == 32 and 0 <= record["top1"] <= 1
     assert record["training_gmacs"] > 0 and record["train_images_per_s"] > 0 and record["peak_rss_mib"] > 0
