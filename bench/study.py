@@ -3,9 +3,10 @@
 A study file names a base recipe, overrides every arm shares, and the arms (each a name, optional recipe, overrides
 and seeds). Every arm × seed is one real ``python -m train`` run (under ``torchrun`` with ``processes: N``), all in
 one study folder and one W&B group, followed by a ``python -m train.validate`` sweep of its final checkpoints over
-``sweep_resolutions`` (the FixRes curve). The study is resumable: an arm whose record exists is skipped, an
-interrupted one continues with ``--resume auto``, a failing one is recorded and the others still run. After every
-arm ``results.jsonl``, ``results.csv`` and the two plots are written again from the records (docs/results.md).
+``sweep_resolutions`` (the FixRes curve). The study is resumable: an arm whose record says it succeeded is skipped,
+an interrupted one continues with ``--resume auto``, a failing one is recorded (and retried next time) and the
+others still run. After every arm ``results.jsonl``, ``results.csv``, ``results.md`` and the two plots are written
+again from the records (docs/results.md).
 
     python -m bench.study configs/studies/cpu-imagenette-b0.yml            # runs (or continues) the study
     python -m bench.study configs/studies/cpu-imagenette-b0.yml --list     # the commands, nothing run
@@ -32,6 +33,7 @@ from train.cli import run_guarded
 from train.config import ConfigError, load_config, parse_yaml
 from train.errors import EXIT_INTERRUPTED, Interrupted
 from train.phases import native_resolution, run_phases
+from train.trainer import run_dirs_named
 
 #: The keys of a study file and of one arm (docs/results.md, "Study files").
 STUDY_KEYS = ("name", "config", "set", "seeds", "processes", "launcher", "test_resolution", "sweep_resolutions",
@@ -235,7 +237,7 @@ def _run(command: List[str], log: Path) -> Tuple[int, float, float]:
 
 
 def run_dirs(study: Study, arm: Arm) -> List[Path]:
-    return sorted(study.runs_dir.glob(f"{arm.name}-*")) if study.runs_dir.is_dir() else []
+    return run_dirs_named(study.runs_dir, arm.name)
 
 
 def read_summary(run_dir: Path) -> Dict[str, Any]:
@@ -443,12 +445,13 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for r in done:
-        for phase, style in (("train", "--"), ("finetune", "-")):
+        for phase in ("train", "finetune"):
             mine = sorted((s["resolution"], 100 * s["top1"]) for s in r["sweep"] if s["phase"] == phase)
             if mine:
                 weights = next(s["weights"] for s in r["sweep"] if s["phase"] == phase)
-                what = "before fine-tune" if r["finetune_resolution"] and phase == "train" else "final"
-                ax.plot(*zip(*mine), style, marker="o", ms=3, color=colours[r["arm"]],
+                before = bool(r["finetune_resolution"]) and phase == "train"
+                what = "before fine-tune" if before else "final"
+                ax.plot(*zip(*mine), "--" if before else "-", marker="o", ms=3, color=colours[r["arm"]],
                         label=f"{r['run']} ({what}, {weights} weights)")
     ax.set_xlabel("test resolution (px)")
     ax.set_ylabel("top-1 (%)")

@@ -24,6 +24,7 @@ import yaml
 from bench.study import load_study, pareto
 from train.checkpoint import load_checkpoint
 from train.config import ConfigError
+from train.trainer import run_dirs_named
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
@@ -146,6 +147,14 @@ def test_arms_and_seeds_become_runs_with_their_overrides(tmp_path):
     assert study.arms[2].overrides.index("train.resolution=96") > study.arms[2].overrides.index(
         "train.resolution=160")
     assert study.test_resolution == 224  # by default the model's native resolution (B0)
+
+
+def test_run_folders_of_a_name_are_not_those_of_a_longer_name(tmp_path):
+    for folder in ("gn-20261207-101010", "gn-20261207-111111-1", "gn-half-20261207-101010", "gn-x",
+                   "gnat-20261207-101010"):
+        (tmp_path / folder).mkdir()
+    assert [p.name for p in run_dirs_named(tmp_path, "gn")] == ["gn-20261207-101010", "gn-20261207-111111-1"]
+    assert [p.name for p in run_dirs_named(tmp_path, "gn-half")] == ["gn-half-20261207-101010"]
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_on_cost_and_accuracy():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -487,8 +488,14 @@ def checkpoint_run_dir(path: Path) -> Path:
 
 
 def list_run_dirs(cfg: Config) -> List[Path]:
-    root = Path(cfg.logging.run_dir)
-    return sorted(root.glob(f"{cfg.name}-*")) if root.is_dir() else []
+    return run_dirs_named(Path(cfg.logging.run_dir), cfg.name)
+
+
+def run_dirs_named(root: Path, name: str) -> List[Path]:
+    """The run folders :func:`new_run_dir` made for ``name`` under ``root``, oldest first: ``<name>-<date>-<time>``
+    and ``...-<n>``, not the folders of another name that starts with ``name-`` (``gn`` and ``gn-half``)."""
+    own = re.compile(re.escape(name) + r"-\d{8}-\d{6}(-\d+)?")
+    return sorted(p for p in root.glob(f"{name}-*") if own.fullmatch(p.name)) if root.is_dir() else []
 
 
 def best_checkpoint_name(phase: str) -> str:
