@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from bench.study import load_study, pareto
+from bench.study import load_study, pareto, train_command
 from train.checkpoint import load_checkpoint
 from train.config import ConfigError
 from train.trainer import run_dirs_named
@@ -147,6 +147,23 @@ def test_arms_and_seeds_become_runs_with_their_overrides(tmp_path):
     assert study.arms[2].overrides.index("train.resolution=96") > study.arms[2].overrides.index(
         "train.resolution=160")
     assert study.test_resolution == 224  # by default the model's native resolution (B0)
+
+
+def test_processes_run_under_torchrun_and_a_launcher_goes_first(tmp_path):
+    base = {"config": str(ROOT / "configs/models/efficientnet-b0-g16-ln-pn.yml"), "arms": [{"name": "n"}]}
+    commands = []
+    for extra in ({"processes": 2}, {"launcher": ["poprun", "--num-instances", "2"]}):
+        path = tmp_path / f"s{len(commands)}.yml"
+        path.write_text(yaml.safe_dump({**base, **extra}))
+        study = load_study(path, tmp_path / "out")
+        commands.append(train_command(study, study.arms[0]))
+    assert commands[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert commands[0][6] == "train" and commands[0][-2:] == ["--resume", "auto"]
+    assert commands[1][:4] == ["poprun", "--num-instances", "2", sys.executable]
+    path = tmp_path / "both.yml"
+    path.write_text(yaml.safe_dump({**base, "processes": 2, "launcher": ["poprun"]}))
+    with pytest.raises(ConfigError, match="launcher and processes: 2 both launch the runs"):
+        load_study(path, tmp_path / "out")
 
 
 def test_run_folders_of_a_name_are_not_those_of_a_longer_name(tmp_path):
