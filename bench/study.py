@@ -291,19 +291,21 @@ def arm_record(study: Study, arm: Arm, code: int, seconds: float, peak_mib: floa
     record["training_seconds"] = round(sum(record.get(f"{p.name}_seconds", 0.0) for p in phases), 1)
     record["training_gmacs"] = round(sum(record.get(f"{p.name}_forward_gmacs", 0.0) for p in phases), 2)
     record["images_seen"] = sum(record.get(f"{p.name}_images", 0) for p in phases)
-    record["top1"] = headline(record, phases[-1].name, study.test_resolution)
     record["sweep"] = sweep
+    record["top1"] = headline(record, study.test_resolution)
     return record
 
 
-def headline(record: Dict[str, Any], last_phase: str, resolution: int) -> Optional[float]:
+def headline(record: Dict[str, Any], resolution: int) -> Optional[float]:
     """Top-1 at the test resolution of the weights the run hands on: the training phase's per-epoch average when it
-    has one (the fine-tune starts from it and an export takes it), the fine-tune's trained weights after it."""
+    has one (the fine-tune starts from it and an export takes it), the fine-tune's trained weights after it. From
+    the run's own last validation, or else from its sweep (which takes the same weights)."""
+    last = "finetune" if record["finetune_resolution"] else "train"
     val = record["val"]
-    for key in (f"{last_phase}/epoch_avg/top1@{resolution}", f"{last_phase}/top1@{resolution}"):
+    for key in (f"{last}/epoch_avg/top1@{resolution}", f"{last}/top1@{resolution}"):
         if key in val:
             return val[key]
-    return None
+    return next((s["top1"] for s in record["sweep"] if s["phase"] == last and s["resolution"] == resolution), None)
 
 
 def run_arm(study: Study, arm: Arm) -> Dict[str, Any]:
@@ -352,6 +354,7 @@ def records(study: Study) -> Iterator[Dict[str, Any]]:
         path = study.record_path(arm)
         if path.is_file():
             record = json.loads(path.read_text())
+            record["top1"] = headline(record, study.test_resolution)  # as this version of the tool reads it
             add_steady_time(study, record)
             yield record
 

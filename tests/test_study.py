@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from bench.study import load_study, pareto, train_command
+from bench.study import headline, load_study, pareto, train_command
 from train.checkpoint import load_checkpoint
 from train.config import ConfigError
 from train.trainer import run_dirs_named
@@ -172,6 +172,17 @@ def test_run_folders_of_a_name_are_not_those_of_a_longer_name(tmp_path):
         (tmp_path / folder).mkdir()
     assert [p.name for p in run_dirs_named(tmp_path, "gn")] == ["gn-20261207-101010", "gn-20261207-111111-1"]
     assert [p.name for p in run_dirs_named(tmp_path, "gn-half")] == ["gn-half-20261207-101010"]
+
+
+def test_the_headline_is_the_handed_on_weights_at_the_test_resolution():
+    sweep = [{"phase": "train", "resolution": 128, "top1": 0.5}, {"phase": "finetune", "resolution": 128, "top1": 0.6}]
+    native = {"finetune_resolution": None, "val": {"train/top1@96": 0.4}, "sweep": sweep}
+    assert headline(native, 96) == 0.4 and headline(native, 128) == 0.5  # its own validation, else the sweep's
+    averaged = {"finetune_resolution": None, "sweep": [],
+                "val": {"train/top1@96": 0.4, "train/epoch_avg/top1@96": 0.45}}
+    assert headline(averaged, 96) == 0.45 and headline(averaged, 128) is None
+    tuned = {"finetune_resolution": 128, "val": {"train/top1@128": 0.5, "finetune/top1@128": 0.55}, "sweep": sweep}
+    assert headline(tuned, 128) == 0.55
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_on_cost_and_accuracy():
