@@ -213,9 +213,9 @@ def sweep_command(study: Study, checkpoints: Sequence[Path], out: Path) -> List[
             "--resolutions", ",".join(map(str, study.sweep_resolutions)), "--results-file", str(out)]
 
 
-def _run(command: List[str], log: Path) -> Tuple[int, float, float]:
-    """Run ``command`` with its output appended to ``log``; its exit code, wall seconds and peak RSS (MiB, the
-    largest process of its tree, from ``wait4``).
+def _run(command: List[str], log: Path) -> Tuple[int, float, float, bool]:
+    """Run ``command`` with its output appended to ``log``; its exit code, wall seconds, peak RSS (MiB, the
+    largest process of its tree, from ``wait4``) and whether the study passed it a stop signal.
 
     SIGINT and SIGTERM reaching the study are passed on to the run, which stops at its next step boundary with a
     checkpoint (a signal to the whole process group reaches it twice; the trainer counts the first)."""
@@ -225,7 +225,12 @@ def _run(command: List[str], log: Path) -> Tuple[int, float, float]:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+        stopped: List[int] = []
+
+        def forward(signum: int, _frame: Any) -> None:
+            stopped.append(signum)
+            proc.send_signal(signum)
+
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # retried after a handled signal (PEP 475)
@@ -233,7 +238,7 @@ def _run(command: List[str], log: Path) -> Tuple[int, float, float]:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.time() - started, usage.ru_maxrss / 1024
+    return proc.returncode, time.time() - started, usage.ru_maxrss / 1024, bool(stopped)
 
 
 def run_dirs(study: Study, arm: Arm) -> List[Path]:
@@ -310,8 +315,8 @@ def headline(record: Dict[str, Any], resolution: int) -> Optional[float]:
 
 def run_arm(study: Study, arm: Arm) -> Dict[str, Any]:
     log = study.log_path(arm)
-    code, seconds, peak = _run(train_command(study, arm), log)
-    if code == EXIT_INTERRUPTED or code == -signal.SIGINT:
+    code, seconds, peak, stopped = _run(train_command(study, arm), log)
+    if stopped or code == EXIT_INTERRUPTED:  # a run stopped before its first step dies of the signal itself
         raise Interrupted(f"study {study.name!r} interrupted in arm {arm.name!r} (its checkpoint is kept); run the "
                           "same command again to continue")
     sweep: List[Dict[str, Any]] = []
@@ -321,8 +326,8 @@ def run_arm(study: Study, arm: Arm) -> Dict[str, Any]:
         checkpoints = [runs[-1] / "checkpoints" / final_checkpoint_name(p.name) for p in phases
                        if not (arm.source and p.name == "train")]  # a source's training phase has its own sweep
         out = study.folder / "sweeps" / f"{arm.name}.json"
-        sweep_code, _, _ = _run(sweep_command(study, checkpoints, out), log)
-        if sweep_code == EXIT_INTERRUPTED:
+        sweep_code, _, _, stopped = _run(sweep_command(study, checkpoints, out), log)
+        if stopped or sweep_code == EXIT_INTERRUPTED:
             raise Interrupted(f"study {study.name!r} interrupted in the sweep of arm {arm.name!r}; run the same "
                               "command again to continue")
         if sweep_code != 0:
@@ -514,7 +519,9 @@ def summarise(rows: List[Dict[str, Any]]) -> List[str]:
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm and r["status"] == "ok" and r["top1"] is not None]
         if not mine:
-            lines.append(f"{arm}: failed ({', '.join(str(r['exit_code']) for r in rows if r['arm'] == arm)})")
+            codes = [r["exit_code"] for r in rows if r["arm"] == arm]
+            lines.append(f"{arm}: failed (exit {', '.join(map(str, codes))})" if any(codes) else
+                         f"{arm}: no top-1 at the test resolution (not validated or swept there)")
             continue
         acc = [100 * r["top1"] for r in mine]
         secs = [r["training_seconds_steady"] or r["training_seconds"] for r in mine]
