@@ -431,7 +431,7 @@ def plot(study: Study, rows: List[Dict[str, Any]]) -> List[Path]:
 
     done = [r for r in rows if r["status"] == "ok" and r["top1"] is not None]
     arms = list(dict.fromkeys(r["arm"] for r in done))
-    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
+    colours = {a: plt.get_cmap("tab20")(i % 20) for i, a in enumerate(arms)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "training_seconds_steady", "training time at the median step rate (s)"),
                            (axes[1], "training_gmacs", "training forward MACs (G)")):
