@@ -17,7 +17,9 @@ Commands (``env``, ``throughput``, ``profile``):
   on the fastest path that ``bench.throughput`` measured for that preset at that resolution (``--fastest-from``):
   the top kernels by device time (on a CPU, the top ops by self CPU time), as JSON lines and as profiler tables.
 
-Torch (and timm, Triton) are imported inside the commands, so ``env`` reports what it can even where an import fails.
+Torch and the project are imported once, at the top, inside one guard: where that import fails, ``env`` still
+reports the machine (driver, versions, the commit) with the import's error, and the other commands stop with it.
+timm and Triton are optional and imported where a part needs them.
 """
 
 from __future__ import annotations
@@ -35,8 +37,22 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+try:
+    import torch
+    from torch import nn
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import throughput
+    from models import build_model, fused_norm
+except Exception as _exc:  # noqa: BLE001 - `env` reports any import failure instead of crashing
+    IMPORT_ERROR: Optional[str] = "".join(traceback.format_exception_only(type(_exc), _exc)).strip()[-2000:]
+else:
+    IMPORT_ERROR = None
 
 ROOT = Path(__file__).resolve().parents[1]
 LN_PN = "efficientnet-b0-g16-ln-pn"
@@ -100,9 +116,10 @@ def env_line() -> Dict[str, Any]:
     }
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     line["git_dirty"] = None if status is None else bool(status)
+    if IMPORT_ERROR is not None:
+        line["error"] = IMPORT_ERROR
+        return line
     try:
-        import torch
-
         line.update(torch=torch.__version__, cuda_runtime=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                     cuda_available=torch.cuda.is_available(), gpus=[])
@@ -114,8 +131,6 @@ def env_line() -> Dict[str, Any]:
                 line["gpus"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
                                      "memory_gib": round(p.total_memory / 2**30, 1),
                                      "multiprocessors": p.multi_processor_count})
-        from models import fused_norm
-
         line["triton_error"] = fused_norm.triton_error()
     except Exception as exc:  # report what was found, and why the rest is missing
         line["error"] = _error_text(exc)
@@ -166,8 +181,6 @@ def compile_parts(models: Sequence[str], resolutions: Sequence[int]) -> List[str
 
 
 def release() -> None:
-    import torch
-
     gc.collect()
     dynamo = getattr(torch, "_dynamo", None)
     if dynamo is not None and hasattr(dynamo, "reset"):
@@ -194,8 +207,6 @@ class _Tee(io.StringIO):
 
 def run_part(part: str, args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """One part: its result lines, and the error (None when it ran to the end)."""
-    from bench import throughput
-
     argv = part_argv(part, args)
     out, err = io.StringIO(), _Tee(sys.stderr)
     error = None
@@ -285,16 +296,6 @@ def _table(prof: Any, device: bool, top: int) -> str:
 
 def profile_path(name: str, path: Dict[str, Any], args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Warm one path up, profile ``args.steps`` training steps, return its lines (and write its table)."""
-    from dataclasses import replace
-
-    import torch
-    from torch import nn
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench import throughput
-    from models import build_model
-
     began = time.perf_counter()
     device = torch.device(args.device)
     cfg = throughput.load_preset(args.model)
@@ -416,13 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.command == "env":
         _emit(env_line())
         return 0
+    if IMPORT_ERROR is not None:
+        print(f"bench.gpu_check {args.command}: torch or the project does not import: {IMPORT_ERROR}",
+              file=sys.stderr)
+        return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if args.command == "throughput":
         return throughput_main(args)
     return profile_main(args)

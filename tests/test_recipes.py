@@ -1,15 +1,18 @@
-"""Every recipe in configs/ loads, validates and resolves to runnable phases on a model that builds."""
+"""Every recipe in configs/ loads, validates and resolves to runnable phases on a model that builds; every study
+file in configs/studies/ loads with each of its arms checked the same way."""
 
 from pathlib import Path
 
 import pytest
 
+from bench.study import load_study
 from models import build_model, split_points
 from train.config import load_config
 from train.phases import run_phases
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yml") if "variants" not in p.parts)
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yml") if not {"variants", "studies"} & set(p.parts))
+STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -20,6 +23,13 @@ def test_recipe_resolves(recipe):
     if cfg.finetune.enabled:
         names = split_points(build_model(cfg.model))
         assert phases[1].first_trainable in names
+
+
+@pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.name)
+def test_study_file_resolves(study_file, tmp_path):
+    study = load_study(study_file, tmp_path / "study")  # checks every arm's config and phases
+    assert study.arms and study.test_resolution >= 8
+    assert all(arm.config.is_file() for arm in study.arms)
 
 
 def test_v2_recipes_follow_their_papers():
