@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Dict, List
@@ -83,6 +85,49 @@ def test_an_export_answers_as_its_checkpoint(checkpoint, folder, tmp_path, capsy
     for a, b in zip(from_checkpoint, from_export, strict=True):
         assert [t["label"] for t in a["topk"]] == [t["label"] for t in b["topk"]]
         assert all(abs(x["prob"] - y["prob"]) < 1e-5 for x, y in zip(a["topk"], b["topk"], strict=True))
+
+
+def predict_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m train.predict`` as a user runs it, from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "train.predict", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("input_kind", ["uint8", "float"])
+def test_an_onnx_export_answers_as_its_checkpoint_through_the_cli(checkpoint, folder, tmp_path, capsys, input_kind):
+    out = tmp_path / "m.onnx"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--input", input_kind,
+                        "--verify-samples", "0", *on_folder(folder)]) == 0
+    images = [str(folder / "test" / "cat"), str(next((folder / "test" / "ship").iterdir()))]
+    capsys.readouterr()
+    assert main(["--checkpoint", str(checkpoint), *images, "--workers", "0", *on_folder(folder)]) == 0
+    from_checkpoint = lines(capsys.readouterr().out)
+    done = predict_command("--model", str(out), *images, "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    from_onnx = lines(done.stdout)
+    assert [r["path"] for r in from_onnx] == [r["path"] for r in from_checkpoint] and len(from_onnx) == 5
+    for a, b in zip(from_checkpoint, from_onnx, strict=True):
+        assert [t["label"] for t in a["topk"]] == [t["label"] for t in b["topk"]]
+        # fp32 logits of the same folded graph in two runtimes: probabilities agree to well under 1e-4
+        assert all(abs(x["prob"] - y["prob"]) < 1e-4 for x, y in zip(a["topk"], b["topk"], strict=True))
+    # The graph has one resolution; another one, or a GPU for ONNX Runtime's CPU session, is one line, exit 2.
+    for extra, words in [(["--resolution", "48"], "takes 32 px images only"), (["--device", "cuda"], "ONNX Runtime")]:
+        done = predict_command("--model", str(out), images[1], *extra)
+        errors = [e for e in done.stderr.splitlines() if e.startswith("error")]
+        assert done.returncode == 2 and len(errors) == 1 and words in errors[0], done.stderr
+
+
+def test_a_run_where_no_image_could_be_predicted_fails_through_the_cli(checkpoint, folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_text("not an image")
+    (broken / "b.jpg").write_bytes(next((folder / "test" / "cat").iterdir()).read_bytes()[:100])
+    done = predict_command("--checkpoint", str(checkpoint), str(broken), "--workers", "0", *on_folder(folder))
+    assert done.returncode == 2 and done.stdout.strip() == ""
+    errors = [e for e in done.stderr.splitlines() if e.startswith("error")]
+    assert len(errors) == 1 and "no image could be predicted: all 2 failed" in errors[0], done.stderr
+    assert [w for w in done.stderr.splitlines() if w.startswith("warning: skipped")] != []
 
 
 def test_corrupt_images_are_named_and_skipped_or_fail_by_flag(checkpoint, folder, tmp_path, capsys):

@@ -2,9 +2,11 @@
 
 Images get the eval transform (resize by ``data.eval_crop_pct`` with ``data.interpolation``, centre crop; from the
 checkpoint's config, or from an exported file's metadata) and run in batches through the inference form of the
-network. Each line: ``{"path", "topk": [{"index", "label", "prob"}, ...]}`` in the order the files were given
+network: in PyTorch for a checkpoint or a safetensors export, in ONNX Runtime for an ONNX export (``--model
+*.onnx``). Each line: ``{"path", "topk": [{"index", "label", "prob"}, ...]}`` in the order the files were given
 (folders: sorted, recursively). A file that cannot be decoded is named on stderr and skipped, and the others go
-on; with ``--fail-on-error`` it stops the run (exit code 2) after the lines already printed.
+on; with ``--fail-on-error`` it stops the run (exit code 2) after the lines already printed. When no image at all
+could be predicted the run ends with one error line and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -26,7 +29,7 @@ from tqdm import tqdm
 from data import DataError, Preprocessing
 from data.base import DECODE_ERRORS
 from models import ExportError, inference_form, load_exported
-from models.inference import EvalPreprocessing, ImageClassifier
+from models.inference import EvalPreprocessing, ImageClassifier, Normalize
 
 from .checkpoint import CheckpointError
 from .cli import run_guarded
@@ -67,6 +70,50 @@ def from_export(path: Path, resolution: Optional[int]) -> Predictor:
     if resolution is not None:
         pre = EvalPreprocessing(resolution, pre.crop_pct, pre.interpolation, pre.mean, pre.std)
     return Predictor(ImageClassifier(exported.network, pre).eval(), pre, exported.class_names)
+
+
+class OnnxClassifier(nn.Module):
+    """An ONNX export of ``train.export`` run in ONNX Runtime on the CPU: pixels in, logits out, like
+    :class:`ImageClassifier` (a float-input export gets the normalisation here, as its metadata says)."""
+
+    def __init__(self, session: Any, normalize: Optional[Normalize]):
+        super().__init__()
+        self.session, self.normalize = session, normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feed = images if self.normalize is None else self.normalize(images)
+        (logits,) = self.session.run(["logits"], {"images": feed.cpu().numpy()})
+        return torch.from_numpy(np.asarray(logits))
+
+
+#: The metadata ``train.export --format onnx`` writes that predict needs (docs/inference.md).
+ONNX_FACTS = ("class_names", "input", "preprocessing")
+
+
+def from_onnx(path: Path, resolution: Optional[int]) -> Predictor:
+    """The ONNX file's graph in ONNX Runtime, with the preprocessing and class names from its metadata. The graph
+    was traced at one resolution (only the batch is dynamic), so another ``--resolution`` is refused."""
+    import onnxruntime as ort  # only ONNX exports need it, and it costs a second to import
+
+    if not path.is_file():
+        raise CheckpointError(f"--model {path} does not exist")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime raises its own exception types for files it cannot read
+        raise CheckpointError(f"--model {path} is not a readable ONNX model: {str(err).splitlines()[0]}") from None
+    facts = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ONNX_FACTS if key not in facts]
+    if missing:
+        raise CheckpointError(f"--model {path} has no {missing[0]!r} metadata: predict reads ONNX files written by "
+                              "python -m train.export")
+    raw = json.loads(facts["preprocessing"])
+    pre = EvalPreprocessing(int(raw["resolution"]), float(raw["crop_pct"]), raw["interpolation"],
+                            tuple(raw["mean"]), tuple(raw["std"]))
+    if resolution is not None and resolution != pre.resolution:
+        raise ConfigError(f"--resolution {resolution}: {path} takes {pre.resolution} px images only (an ONNX graph "
+                          "is traced at one resolution; export again with train.export --resolution)")
+    normalize = Normalize(pre.mean, pre.std) if facts["input"] == "float" else None
+    return Predictor(OnnxClassifier(session, normalize).eval(), pre, json.loads(facts["class_names"]))
 
 
 def image_files(inputs: Sequence[str]) -> List[Path]:
@@ -144,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a checkpoint of this tool")
-    source.add_argument("--model", type=Path, help="a file written by train.export --format safetensors")
+    source.add_argument("--model", type=Path, help="a file written by train.export: *.onnx runs in ONNX Runtime "
+                        "(CPU), any other name is read as safetensors")
     p.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files, or folders searched recursively")
     p.add_argument("--topk", type=int, default=5, help="classes per image, most probable first")
     p.add_argument("--resolution", type=int,
@@ -177,12 +225,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                               "its config, weights and class names")
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               "cpu" if args.device == "auto" else args.device)
+        onnx = args.model is not None and args.model.suffix.lower() == ".onnx"
+        if onnx and args.device == "cuda":
+            raise ConfigError("--device cuda: an ONNX model runs in ONNX Runtime on the CPU here (--device cpu)")
+        if onnx:
+            device = torch.device("cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: this torch sees no CUDA device")
         files = image_files(args.images)
-        predictor = (from_export(args.model, args.resolution) if args.model is not None else
-                     from_checkpoint(args.checkpoint, args.overrides, args.weights, args.resolution,
-                                     args.class_names))
+        if onnx:
+            predictor = from_onnx(args.model, args.resolution)
+        elif args.model is not None:
+            predictor = from_export(args.model, args.resolution)
+        else:
+            predictor = from_checkpoint(args.checkpoint, args.overrides, args.weights, args.resolution,
+                                        args.class_names)
         progress = len(files) > 1 and any(Path(i).is_dir() for i in args.images)
         skipped = 0
         for path, line, error in predictions(predictor, files, args.batch_size, args.topk, args.workers, device,
@@ -195,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             skipped += 1
             # through tqdm, so the line is not glued to the progress bar's
             tqdm.write(f"warning: skipped {path}: cannot decode it ({error})", file=sys.stderr)
+        if skipped == len(files):
+            raise DataError(f"no image could be predicted: all {skipped} failed to decode (named above)")
         if skipped:
             print(f"warning: {skipped} of {len(files)} images skipped", file=sys.stderr)
 
