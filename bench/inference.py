@@ -1,11 +1,13 @@
-"""Inference speed of model presets: ``python -m bench.inference --help``.
+"""Inference speed of model presets, checkpoints and exports: ``python -m bench.inference --help``.
 
-For each preset and batch size, one process times the engines side by side: ``eager`` (the training form in eval
+The models: presets from configs/models/ (``--models``, random weights: speed does not depend on them), or your
+own trained ones, ``--checkpoint PATH`` and ``--model FILE`` (a safetensors export), each repeatable, timed with
+their own architecture and weights at their own eval resolution unless ``--resolution`` says otherwise. For each
+model and batch size, one process times the engines side by side: ``eager`` (the training form in eval
 mode, what validation runs), ``folded`` (the inference form of models/inference.py: proxy norm frozen, BatchNorm
 and proxy-norm affines folded), ``compile`` (``torch.compile`` of the folded form), ``onnxruntime`` (the folded form
 exported as train.export does, in ONNX Runtime) and, with ``--compare-timm``, timm's ``efficientnet_b0`` and
-``efficientnet_b0_gn`` in eager mode. Weights are random (speed does not depend on them); the input is one
-normalised float batch made once on the device.
+``efficientnet_b0_gn`` in eager mode. The input is one normalised float batch made once on the device.
 
 Machines shared with other work make absolute times drift, so the engines are interleaved: ``--rounds`` rounds,
 each timing every engine for ``--iters`` calls in turn, and every ratio is taken within a round, then the median
@@ -34,13 +36,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from bench.throughput import DTYPES, _csv, build_timm, device_name, load_preset, preset_names
-from models import EfficientNet, ModelConfig, inference_form
+from models import EfficientNet, ExportError, ModelConfig, inference_form, load_exported
 from train.cli import run_guarded
 from train.config import ConfigError, load_config
-from train.export import ONNX_OPSET, Trained, export_onnx, ipu_inference
+from train.export import ONNX_OPSET, Trained, default_resolution, export_onnx, ipu_inference, load_trained
 from train.phases import run_phases
 
 ENGINES = ("eager", "folded", "compile", "onnxruntime")
+DEFAULT_PRESETS = ("efficientnet-b0-g16-ln-pn", "efficientnet-b0-g1-bn")
 TIMM_MODELS = ("efficientnet_b0", "efficientnet_b0_gn")
 
 
@@ -56,6 +59,41 @@ class Engine:
     @property
     def label(self) -> str:
         return f"{self.model}/{self.engine}"
+
+
+@dataclass
+class Measured:
+    """A model to time: a name for the report, its config, its training-form network in eval mode, and the input
+    size it runs at by default (a file's eval resolution; None for a preset: ``--resolution``'s default)."""
+
+    name: str
+    config: ModelConfig
+    network: EfficientNet
+    resolution: Optional[int] = None
+
+
+def preset_model(name: str) -> Measured:
+    cfg = load_preset(name)
+    torch.manual_seed(0)
+    return Measured(name, cfg, EfficientNet(cfg).eval())
+
+
+def checkpoint_model(path: Path) -> Measured:
+    """A checkpoint's network with the weights predict and export take (the average, if the run kept one)."""
+    trained = load_trained(path, [])
+    return Measured(path.name, trained.cfg.model, trained.network, default_resolution(trained))
+
+
+def export_model(path: Path) -> Measured:
+    """A safetensors export's network, rebuilt in its training form (the engines fold it themselves)."""
+    if path.suffix.lower() == ".onnx":
+        raise ConfigError(f"--model {path}: bench.inference times the PyTorch forms and exports ONNX itself; pass "
+                          "the checkpoint or the safetensors export of this model")
+    try:
+        exported = load_exported(path, form="training")
+    except ExportError as err:
+        raise ConfigError(f"--model {err}") from None
+    return Measured(path.name, exported.config, exported.network.eval(), exported.preprocessing.resolution)
 
 
 def _torch_engine(model: Callable[[torch.Tensor], object], x: torch.Tensor, precision: str) -> Callable[[], object]:
@@ -89,9 +127,10 @@ def _onnx_engine(network: EfficientNet, model_cfg: ModelConfig, name: str, x: to
     return lambda: session.run(None, feed)
 
 
-def build_engines(name: str, model_cfg: ModelConfig, engines: Sequence[str], x: torch.Tensor, precision: str,
+def build_engines(measured: Measured, engines: Sequence[str], x: torch.Tensor, precision: str,
                   folder: Path) -> List[Engine]:
-    network = EfficientNet(model_cfg).eval()
+    name, model_cfg = measured.name, measured.config
+    network = copy.deepcopy(measured.network)  # each batch size starts from the same weights on the CPU
     folded = inference_form(network).to(x.device)
     out: List[Engine] = []
     for engine in engines:
@@ -177,10 +216,16 @@ def _batch_sizes(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", type=_csv, default=["efficientnet-b0-g16-ln-pn", "efficientnet-b0-g1-bn"],
-                   help=f"comma-separated presets from configs/models/ (e.g. {', '.join(preset_names()[:2])})")
+    p.add_argument("--models", type=_csv,
+                   help=f"comma-separated presets from configs/models/ (e.g. {', '.join(preset_names()[:2])}); "
+                        f"default: {', '.join(DEFAULT_PRESETS)} when no --checkpoint or --model is given")
+    p.add_argument("--checkpoint", type=Path, action="append", default=[],
+                   help="a checkpoint of this tool: its model and weights (repeatable)")
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="a safetensors file written by train.export (repeatable)")
     p.add_argument("--engines", type=_csv, default=list(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", type=int,
+                   help="input size; default: the first --checkpoint's or --model's eval resolution, else 224")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64, 256],
                    help="1 measures latency, larger ones throughput")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="bf16/fp16: autocast (CUDA)")
@@ -214,27 +259,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--precision fp16 needs --device cuda; use bf16")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        presets = {name: load_preset(name) for name in args.models}
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: measure(args, device))
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> None:
+    """Load every model first (a bad file is one line before anything is timed), then time them per batch size."""
+    presets = args.models if args.models is not None else ([] if args.checkpoint or args.model else
+                                                           list(DEFAULT_PRESETS))
+    measured = ([checkpoint_model(p) for p in args.checkpoint] + [export_model(p) for p in args.model] +
+                [preset_model(name) for name in presets])
+    files = [m.resolution for m in measured if m.resolution is not None]
+    resolution = args.resolution or (files[0] if files else 224)
+    if resolution < 8:
+        raise ConfigError(f"--resolution: {resolution} is below 8 px")
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_sizes:
-            x = torch.randn(batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
             x = x.to(device)
             engines: List[Engine] = []
-            for name, model_cfg in presets.items():
-                torch.manual_seed(0)
-                engines += build_engines(name, model_cfg, args.engines, x, args.precision, Path(tmp))
+            for model in measured:
+                engines += build_engines(model, args.engines, x, args.precision, Path(tmp))
             if args.compare_timm:
                 for timm_name in TIMM_MODELS:
                     timm_model = build_timm(timm_name).eval().to(device)
                     engines.append(Engine(f"timm:{timm_name}", "eager", _torch_engine(timm_model, x, args.precision)))
             time_rounds(engines, args.rounds, args.iters, args.warmup)
-            for line in report(engines, batch, args.resolution, args.precision, device):
+            for line in report(engines, batch, resolution, args.precision, device):
                 print(json.dumps(line), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

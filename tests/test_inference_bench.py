@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from test_export import train_checkpoint
 
-from bench.inference import Engine, main, ratio
+from bench.inference import Engine, checkpoint_model, export_model, main, ratio
 from fake_poptorch import install
+from train.export import main as export_main
 
 #: End-to-end command tests (real checkpoints, exports, ONNX Runtime): `make test` runs them, not `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -62,3 +65,25 @@ def test_ipu_without_poptorch_is_one_line(capsys):
     assert main(["--ipu-config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "PopTorch" in err
+
+
+def test_a_checkpoint_and_its_export_are_timed_with_their_own_weights_and_resolution(shared_cifar_tarball, tmp_path,
+                                                                                   capsys):
+    checkpoint = train_checkpoint(shared_cifar_tarball, tmp_path / "runs")
+    export = tmp_path / "m.safetensors"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(export)]) == 0
+    capsys.readouterr()
+    assert main(["--device", "cpu", "--checkpoint", str(checkpoint), "--model", str(export), "--batch-sizes", "2",
+                 "--engines", "eager,folded", "--rounds", "1", "--iters", "1", "--warmup", "0", "--threads", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["model"], x["engine"]) for x in lines] == [
+        (checkpoint.name, "eager"), (checkpoint.name, "folded"), (export.name, "eager"), (export.name, "folded")]
+    assert {x["resolution"] for x in lines} == {32}  # the checkpoint's eval resolution, not the presets' 224
+    # Both are the trained network (not a preset's random weights): the same logits from the two files.
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(checkpoint_model(checkpoint).network(x), export_model(export).network(x))
+    for bad, words in [(tmp_path / "m.onnx", "exports ONNX itself"), (tmp_path / "none.safetensors", "does not exist")]:
+        assert main(["--device", "cpu", "--model", str(bad), "--batch-sizes", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
