@@ -1,7 +1,10 @@
 """Reduced-resolution training, the fine-tune phase, the resolution sweep and progressive learning."""
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +17,12 @@ from models.splits import freeze_before
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
+from train.export import checkpoint_weights
 from train.finetune import main as finetune_main
 from train.phases import finetune_phase, half_resolution, run_phases, training_phase
 from train.validate import main as validate_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = TINY_MODEL + [
     "data.workers=0", "data.crop_scale=[0.35,1.0]", "data.train_subset=2048", "data.val_subset=500",
@@ -51,6 +57,25 @@ def test_modulo_32_rule_warns_and_errors_when_strict():
     strict = load_config(None, ["train.resolution=176", "finetune.enabled=true", "finetune.strict_resolution=true"])
     with pytest.raises(ConfigError, match="finetune.strict_resolution"):
         run_phases(strict)
+
+
+def test_a_training_size_off_the_stride_32_grid_warns_once_in_one_line(tmp_path):
+    for quiet in (["train.resolution=32"], ["train.resolution=half"], ["model.name=efficientnet-b3"],
+                  ["model.name=efficientnet-b3", "train.resolution=332"], ["model.name=efficientnetv2-s"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_phases(load_config(None, quiet))  # multiples of 32, or the preset's own remainder (B3: 300 % 32)
+    with pytest.warns(UserWarning, match=r"train.resolution 33 is not a multiple of 32 .*prefer e.g. 32 or 64"):
+        run_phases(load_config(None, ["train.resolution=33"]))
+    # Through the command line: one line per warning, no file, line or echoed source of Python's default format.
+    done = subprocess.run([sys.executable, "-m", "train", "--print-config", "--set", "train.resolution=33",
+                           "--set", "finetune.enabled=true", "--set", "logging.wandb=disabled"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "32" in line]
+    assert len(warned) == 2 and all(line.startswith("warning: ") for line in warned), done.stderr
+    assert "train.resolution 33" in warned[0] and "differ modulo 32" in warned[1]
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
 
 
 def test_unknown_first_trainable_lists_valid_names():
@@ -147,8 +172,13 @@ def test_finetune_at_native_resolution_beats_no_finetune_and_sweep_plots(trained
     plot = root / "sweep.png"
     assert validate_main(["--checkpoint", str(checkpoint), "--checkpoint", str(tuned), "--resolutions", "32,48,64",
                           "--plot", str(plot), "--device", "cpu"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{\"checkpoint")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in out if line.startswith("{\"checkpoint")]
     assert len(rows) == 6
+    (plotted,) = [json.loads(line) for line in out if line.startswith("{\"plot")]
+    kinds = [checkpoint_weights(load_checkpoint(p), None, p)[0] for p in (checkpoint, tuned)]  # what validate took
+    assert plotted["curves"] == [f"train: {checkpoint.name} ({kinds[0]} weights)",
+                                 f"finetune: {tuned.name} ({kinds[1]} weights)"]
     at = {(r["phase"], r["resolution"]): r["top1"] for r in rows}
     assert at[("finetune", 64)] >= at[("train", 64)]
     assert at[("train", 32)] > 0.3  # it learned at its training resolution (chance: 0.1 +- 0.013 on 500 images)

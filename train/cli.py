@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,9 +65,17 @@ def init_distributed() -> None:
             dist.init_process_group("gloo")
 
 
+def one_line_warning(message: Any, category: Any, filename: str, lineno: int, line: Optional[str] = None) -> str:
+    """``warning: <message>``: the project's warnings are addressed to the user, who needs neither the file and
+    line that raised them nor the echoed source line of Python's default format."""
+    return f"warning: {message}\n"
+
+
 def run_guarded(job: Callable[[], None]) -> int:
     """Run ``job``; user mistakes and stops become one clear line on stderr and an exit code, not a traceback.
-    Unexpected internal errors keep their traceback."""
+    Unexpected internal errors keep their traceback; warnings print as one line each."""
+    default_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
         job()
         return 0
@@ -83,6 +92,7 @@ def run_guarded(job: Callable[[], None]) -> int:
         print("interrupted: stopped before finishing", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        warnings.formatwarning = default_format
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -103,9 +103,23 @@ def progressive_stages(p: ProgressiveConfig, epochs: int, end_resolution: int) -
     return tuple(stages)
 
 
+def check_training_resolution(cfg: Config, res: int) -> None:
+    """Warn (one line) about a training size that is neither a multiple of 32 nor of the preset's own remainder:
+    the network halves the image five times (stride 32) with SAME-style padding, so such a size pads some stride-2
+    layer's border unevenly and shifts its sampling grid against the sizes the preset is built and tested at."""
+    own = train_resolution(cfg.model.name)
+    if res % 32 in (0, own % 32):
+        return
+    warnings.warn(f"train.resolution {res} is not a multiple of 32 ({res % 32} over) nor {own % 32} over one like "
+                  f"{cfg.model.name}'s own {own} px: the network downsamples by 32 with SAME-style padding, so this "
+                  "size pads some stride-2 layers unevenly; prefer e.g. "
+                  f"{max(32, res - res % 32)} or {res - res % 32 + 32}", stacklevel=2)
+
+
 def training_phase(cfg: Config) -> Phase:
     t = cfg.train
     res = training_resolution(cfg)
+    check_training_resolution(cfg, res)
     stages = (progressive_stages(t.progressive, t.epochs, res) if t.progressive
               else (Stage(0, res, t.mixup_alpha, None),))
     return Phase(

@@ -53,16 +53,20 @@ def sweep(checkpoint: Path, resolutions: List[int], overrides: List[str], device
     return rows
 
 
-def plot(rows: List[Dict], out: Path) -> None:
+def plot(rows: List[Dict], out: Path) -> List[str]:
+    """Accuracy against test resolution, one curve per checkpoint; returns the curves' legend labels, which name
+    the phase, the file and the weights (averaged, EMA or raw: they can differ by points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labels = []
     for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
         mine = [r for r in rows if r["checkpoint"] == ckpt]
-        label = f"{mine[0]['phase'] or 'checkpoint'}: {Path(ckpt).name}"
+        label = f"{mine[0]['phase'] or 'checkpoint'}: {Path(ckpt).name} ({mine[0]['weights']} weights)"
+        labels.append(label)
         ax.plot([r["resolution"] for r in mine], [100 * r["top1"] for r in mine], marker="o", label=label)
     ax.set_xlabel("test resolution (px)")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -70,6 +74,7 @@ def plot(rows: List[Dict], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    return labels
 
 
 def write_results(rows: List[Dict], out: Path) -> None:
@@ -122,8 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             write_results(rows, args.results_file)
             print(json.dumps({"results_file": str(args.results_file)}))
         if args.plot:
-            plot(rows, args.plot)
-            print(json.dumps({"plot": str(args.plot)}))
+            print(json.dumps({"plot": str(args.plot), "curves": plot(rows, args.plot)}))
 
     return run_guarded(job)
 
