@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -24,6 +25,7 @@ from bench.data import make_test_images
 from conftest import REPO_ROOT, needs_c_resize, needs_jpeg_region
 from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region, resample
 from data.decode import Box, can_decode_scaled, dct_scale, random_resized_crop_box, resize_then_center_crop_box
+from data.native import BuildError
 from data.transforms import image_to_tensor
 
 BILINEAR = transforms.InterpolationMode.BILINEAR
@@ -430,3 +432,31 @@ def test_the_set_up_names_a_failed_compile_and_a_run_loads_its_build(tmp_path):
     assert run.stdout.splitlines()[0] == "region" and run.stdout.splitlines()[1].startswith("C, "), run.stdout
     assert run.stderr == "" and not calls.exists()
     assert [library.stat().st_mtime_ns for library in built] == stamps  # loaded, not rebuilt
+
+
+def test_a_build_whose_libjpeg_is_gone_falls_back_with_the_reason(tmp_path, monkeypatch):
+    """The region decoder opens the libjpeg the set-up found by its path: where that path no longer holds (the
+    package removed, another host), loading says why instead of failing a run."""
+    needs_jpeg_region()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gone = dataclasses.replace(jpeg_region.HELPER,
+                               found_flags=lambda cc: ['-DEFFNET_LIBJPEG="/nonexistent/libjpeg.so.62"'])
+    gone.build()
+    library, reason = gone.load(jpeg_region._setup)
+    assert library is None and "cannot use the system libjpeg: /nonexistent/libjpeg.so.62" in reason, reason
+
+
+def test_the_set_up_finds_libjpeg_in_the_compilers_search_dirs(tmp_path):
+    """A compiler that answers ``-print-file-name`` with the bare name (as some do when unsure) still leads to the
+    library through ``-print-search-dirs``."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libjpeg.so").write_bytes(b"")
+    script = tmp_path / "vague-cc"
+    script.write_text("#!/bin/sh\ncase \"$1\" in\n  -print-file-name=*) echo libjpeg.so ;;\n"
+                      f"  -print-search-dirs) echo 'install: /x'; echo 'libraries: =/nowhere:{tmp_path / 'lib'}' ;;\n"
+                      "esac\n")
+    script.chmod(0o755)
+    assert jpeg_region._system_libjpeg([str(script)]) == str((tmp_path / "lib" / "libjpeg.so").resolve())
+    script.write_text("#!/bin/sh\necho libjpeg.so\n")
+    with pytest.raises(BuildError, match="the compiler finds no libjpeg.so"):
+        jpeg_region._system_libjpeg([str(script)])
