@@ -9,7 +9,8 @@ line: ``images_per_s`` (median over the repeats), ``images_per_s_per_worker``, t
 in the main process (``read_ms`` / ``decode_ms`` / ``augment_ms`` / ``collate_ms``; the project's decode includes
 its crop and resize, which the fused path does at the decoded scale) and ``ratio_vs_torchvision`` (median of the
 per-repeat ratios, so a load change on a shared machine hits both sides of a ratio alike; ``ratio_range`` their
-lowest and highest).
+lowest and highest). ``--compare-resize`` adds a line that times the C resize, Pillow's and torch's uint8
+antialiased ``interpolate`` on the same decoded crops and compares torch's pixels with Pillow's.
 
 ``--make-test-images DIR`` writes an ImageNet-sized JPEG set (train/ and val/, sizes 300-800 px, quality 75-95)
 from real images: the CIFAR-10 tarball or folder given by ``--source``, or Fashion-MNIST (``--source

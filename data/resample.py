@@ -1,5 +1,5 @@
 """Pillow's resize, with Pillow's pixels, about 2.4x faster: ``resample.c`` built at set-up (:mod:`data.native`,
-``make native``) and called through ctypes on the fast decoders' RGBX arrays (see docs/data.md, "The resize").
+``make native``) and called through ctypes on the JPEG decoders' RGBX arrays (see docs/data.md, "The resize").
 
 Pillow 13 chose a new pass order (vertical first when the height shrinks by more than twice as many pixels as
 the width); the order follows the installed Pillow's major version. Loading checks the result against the
