@@ -1,8 +1,8 @@
 # EfficientNet for IPUs, portable to CPUs and GPUs -- build / run / test entry points.
 #
 #   make help        list the targets
-#   make test        venv + data + pytest           (PYTEST_ARGS="-k foo -x" passes through)
-#   make train       venv + data + demo training run (TRAIN_ARGS="..." passes through)
+#   make test        venv + C helpers + data + pytest           (PYTEST_ARGS="-k foo -x" passes through)
+#   make train       venv + C helpers + data + demo training run (TRAIN_ARGS="..." passes through)
 #
 # Virtual environments live OUTSIDE the clone, under $(VENV_ROOT), named after a hash
 # of the Python version and the requirement/lock files, so every clone (and every CI
@@ -44,7 +44,7 @@ SDK34_STAMP := $(SDK34_VENV)/.effnet-installed
 # ---- data -----------------------------------------------------------------------
 FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 FMNIST_PKG  := dataset-fashion-mnist
-# What the data path's C helpers (data/jpeg_region.c, data/resample.c, built on first use) compile with; optional.
+# What the data path's C helpers (data/jpeg_region.c, data/resample.c, built by `make native`) compile with; optional.
 JPEG_PKGS   := gcc libjpeg62-turbo-dev
 
 # ---- pass-through arguments -----------------------------------------------------
@@ -54,7 +54,7 @@ TRAIN_CONFIG ?= configs/demo-fashion-mnist.yml
 BENCH_ARGS  ?=
 GPU_CHECK_ARGS ?=
 
-.PHONY: help venv venv-sdk34 data jpeg train test test-fast test-sdk34 lint bench gpu-check lock lock-sdk34 \
+.PHONY: help venv venv-sdk34 data jpeg native train test test-fast test-sdk34 lint bench gpu-check lock lock-sdk34 \
         venv-path venv-prune clean
 
 help: ## list the targets
@@ -67,12 +67,13 @@ help: ## list the targets
 	@echo "sdk34 venv: $(SDK34_VENV)"
 
 # ---- venvs ----------------------------------------------------------------------
-venv: $(STAMP) ## create (or reuse) the reference venv outside the clone; link it as .venv
+venv: $(STAMP) ## create (or reuse) the reference venv outside the clone; link it as .venv; build the C helpers
 	@if [ -L .venv ] || [ ! -e .venv ]; then \
 	  ln -sfn "$(VENV)" .venv; \
 	else \
 	  echo "note: .venv exists and is not a symlink; leaving it alone (the venv is $(VENV))"; \
 	fi
+	"$(PY)" -m data.build_helpers
 
 # No prerequisites on purpose: the hash in $(VENV) already tracks the file contents,
 # and a fresh clone's files are always newer than an existing stamp.
@@ -158,14 +159,18 @@ jpeg: ## make sure a C compiler and libjpeg's headers are there for the C helper
 	apt-get install -y $(JPEG_PKGS) </dev/null || { apt-get update </dev/null && apt-get install -y $(JPEG_PKGS) </dev/null; } \
 	  || echo "note: could not install $(JPEG_PKGS); JPEG crops may decode in full or resize in Pillow (slower, same pixels)" >&2
 
+# A run never compiles: it loads these builds ($$XDG_CACHE_HOME/effnet-ipu/<helper>/, keyed by source and machine)
+# or says in one line what it falls back to. The helpers use no Python headers, so either venv's Python builds them.
+native: jpeg venv ## build and check the data path's C helpers (JPEG region decoder, resize); also part of `make venv`
+
 # ---- run ------------------------------------------------------------------------
-train: venv data jpeg ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)
+train: native data ## demo training run on Fashion-MNIST (TRAIN_CONFIG, TRAIN_ARGS)
 	"$(PY)" -m train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
-test: venv data jpeg ## run the test suite in the reference venv (PYTEST_ARGS)
+test: native data ## run the test suite in the reference venv (PYTEST_ARGS)
 	"$(PY)" -m pytest $(PYTEST_ARGS)
 
-test-fast: venv data jpeg ## the quick tier for the edit-test loop: every test not marked slow (PYTEST_ARGS)
+test-fast: native data ## the quick tier for the edit-test loop: every test not marked slow (PYTEST_ARGS)
 	"$(PY)" -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: venv ## static checks: ruff (lint, import order) and mypy (models, data, ipu_options, train)
@@ -173,6 +178,7 @@ lint: venv ## static checks: ruff (lint, import order) and mypy (models, data, i
 	"$(PY)" -m mypy
 
 test-sdk34: venv-sdk34 data jpeg ## run the tests under Python 3.10 + torch 2.0.1, minus needs_new_torch
+	"$(SDK34_PY)" -m data.build_helpers
 	"$(SDK34_PY)" -m pytest -m "not needs_new_torch" $(PYTEST_ARGS)
 
 bench: venv ## throughput benchmark: python -m bench.throughput $(BENCH_ARGS)

@@ -9,7 +9,8 @@ line: ``images_per_s`` (median over the repeats), ``images_per_s_per_worker``, t
 in the main process (``read_ms`` / ``decode_ms`` / ``augment_ms`` / ``collate_ms``; the project's decode includes
 its crop and resize, which the fused path does at the decoded scale) and ``ratio_vs_torchvision`` (median of the
 per-repeat ratios, so a load change on a shared machine hits both sides of a ratio alike; ``ratio_range`` their
-lowest and highest).
+lowest and highest). ``--compare-resize`` adds a line that times the C resize, Pillow's and torch's uint8
+antialiased ``interpolate`` on the same decoded crops and compares torch's pixels with Pillow's.
 
 ``--make-test-images DIR`` writes an ImageNet-sized JPEG set (train/ and val/, sizes 300-800 px, quality 75-95)
 from real images: the CIFAR-10 tarball or folder given by ``--source``, or Fashion-MNIST (``--source
@@ -32,26 +33,20 @@ from io import BytesIO
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import PIL
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from data import DataConfig, DataError, build_dataset, build_transform
+from data import DataConfig, DataError, build_dataset, build_transform, resample
 from data.base import to_rgb  # the same conversion the pipeline uses
-from data.decode import (
-    JPEG_DECODERS,
-    can_decode_scaled,
-    dct_scale,
-    decoder_unavailable,
-    resize_in_use,
-    resolve_jpeg_decoder,
-)
+from data.decode import DECODERS, JPEG_DECODERS, Crop, Region, can_decode_scaled, choose_decoders, dct_scale
 from data.encoded import EncodedImageDataset
 from data.host import usable_cores
 from data.loader import build_loader
-from data.transforms import PreprocessingKind
+from data.transforms import RESAMPLE, Preprocessing, PreprocessingKind
 from train.cli import run_guarded
 
 PIPELINES = ("torchvision", "fused", "plain")
@@ -214,9 +209,9 @@ def machine(jpeg_decoder: str) -> Dict[str, object]:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return {"machine": platform.machine(), "cpu": model, "cores_usable": usable_cores(),
             "python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "jpeg_decoder": resolve_jpeg_decoder(jpeg_decoder),
-            "jpeg_decoders_unavailable": {n: decoder_unavailable(n) for n in JPEG_DECODERS if decoder_unavailable(n)},
-            "resize": resize_in_use(resolve_jpeg_decoder(jpeg_decoder)),
+            "jpeg_decoder": choose_decoders(jpeg_decoder).name,
+            "jpeg_decoders_unavailable": {d.name: d.unavailable() for d in DECODERS if d.unavailable()},
+            "resize": resample.in_use(),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -257,6 +252,8 @@ def run_benchmark(args: argparse.Namespace) -> List[Dict[str, object]]:
             line["ratio_vs_torchvision"] = round(statistics.median(ratios), 3)
             line["ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]  # how far the repeats spread
         lines.append(line)
+    if args.compare_resize:
+        lines.append(compare_resizes(files.transform, files, sample, args.repeats))
     return lines
 
 
@@ -268,6 +265,90 @@ def make_loader(name: str, dataset, args: argparse.Namespace, repeat: int) -> Da
     return build_loader(dataset, args.batch_size, shuffle=True, seed=repeat, epoch=0, workers=args.workers,
                         drop_last=True, pin_memory=False, persistent_workers=False)
 
+
+# ------------------------------------------------------------------------------------------ resize compared
+def decoded_crops(transform: Preprocessing, files: EncodedImageDataset, indices: Sequence[int]) -> List[Region]:
+    """The fused path's decoded crops of the plain JPEGs among ``indices``: what its resize is given."""
+    regions = []
+    for n, j in enumerate(indices):
+        image = Image.open(BytesIO(files._read(j)))
+        if transform.decoders is None or not can_decode_scaled(image):
+            continue
+        box = transform.box(image.width, image.height, transform.draws(n))
+        regions.append(transform.decoders.decode(Crop(image, box, transform.resolution, transform.kind == "train")))
+    return regions
+
+
+def torch_resize(tensor: torch.Tensor, resolution: int, mode: str) -> torch.Tensor:
+    """torch's antialiased uint8 resize of a [1, C, H, W] tensor (channels last, as the decoders lay it out) to
+    ``resolution`` square: it takes no box, so the whole tensor is resized."""
+    return torch.nn.functional.interpolate(tensor, size=(resolution, resolution), mode=mode, antialias=True)
+
+
+def compare_resizes(transform: Preprocessing, files: EncodedImageDataset, indices: Sequence[int],
+                    repeats: int) -> Dict[str, object]:
+    """The C resize (data/resample.c), Pillow's and torch's uint8 antialiased ``interpolate`` on the same decoded
+    crops, interleaved repeat by repeat in this process with one torch thread: crops per second (medians), torch's
+    rate over the C resize's (median of the per-repeat ratios), and how far torch's pixels are from Pillow's
+    (which the C resize equals), on the crops whose box is the whole decoded region (the same geometry for both)
+    and on all of them (torch takes no fractional box). A torch without the uint8 kernel is reported, not timed."""
+    regions = decoded_crops(transform, files, indices)
+    if not regions:
+        raise DataError("--compare-resize: no plain JPEG among the timed images (or data.fused_decode is off)")
+    name = "bilinear" if transform.kind == "train" else transform.interpolation
+    size, pillow_filter = (transform.resolution, transform.resolution), RESAMPLE[name]
+    pixels = [np.ascontiguousarray(region.pixels) for region in regions]
+    images = [Image.frombuffer("RGBX", (p.shape[1], p.shape[0]), p, "raw", "RGBX", 0, 1) for p in pixels]
+    tensors = [torch.from_numpy(p).permute(2, 0, 1).unsqueeze(0) for p in pixels]
+    runs: Dict[str, Callable[[], object]] = {
+        "c": lambda: [resample.resize_rgbx(p, size, pillow_filter, r.box) for p, r in zip(pixels, regions)],
+        "pillow": lambda: [im.resize(size, pillow_filter, box=r.box) for im, r in zip(images, regions)],
+        "torch": lambda: [torch_resize(t, transform.resolution, name) for t in tensors],
+    }
+    line: Dict[str, object] = {"resize_compare": transform.kind, "resolution": transform.resolution, "filter": name,
+                               "crops": len(regions), "repeats": repeats, "c_resize": resample.in_use(),
+                               "torch": torch.__version__}
+    try:
+        torch_resize(tensors[0], transform.resolution, name)
+    except (RuntimeError, NotImplementedError) as err:  # torch 2.0 has no uint8 antialiased kernel
+        line["torch_unavailable"] = str(err).splitlines()[0]
+        del runs["torch"]
+    rates: Dict[str, List[float]] = {key: [] for key in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(repeats):
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run()
+                rates[key].append(len(regions) / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    line["crops_per_s"] = {key: round(statistics.median(r), 1) for key, r in rates.items()}
+    if "torch" in rates:
+        line["torch_vs_c"] = round(statistics.median([t / c for t, c in zip(rates["torch"], rates["c"])]), 3)
+        line["torch_vs_pillow_levels"] = torch_pixel_gap(images, tensors, regions, size, pillow_filter, name)
+    return line
+
+
+def torch_pixel_gap(images: Sequence[Image.Image], tensors: Sequence[torch.Tensor], regions: Sequence[Region],
+                    size: Tuple[int, int], pillow_filter: int, mode: str) -> Dict[str, Dict[str, object]]:
+    """Largest |torch - Pillow| in levels and the share of values more than one level apart: on the crops whose box
+    is the whole decoded region (``same_box``) and on all."""
+    gaps: Dict[str, List[np.ndarray]] = {"same_box": [], "all": []}
+    for image, tensor, region in zip(images, tensors, regions):
+        expected = np.asarray(image.resize(size, pillow_filter, box=region.box))[:, :, :3].astype(np.int16)
+        got = torch_resize(tensor, size[0], mode)[0, :3].permute(1, 2, 0).numpy().astype(np.int16)
+        gap = np.abs(got - expected).ravel()
+        gaps["all"].append(gap)
+        if region.box == (0, 0, region.pixels.shape[1], region.pixels.shape[0]):
+            gaps["same_box"].append(gap)
+    report: Dict[str, Dict[str, object]] = {}
+    for key, found in gaps.items():
+        joined = np.concatenate(found) if found else np.zeros(0, dtype=np.int16)
+        report[key] = {"crops": len(found), "max": int(joined.max()) if found else None,
+                       "share_over_1": round(float(np.mean(joined > 1)), 5) if found else None}
+    return report
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -284,6 +365,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--jpeg-decoder", choices=("auto",) + JPEG_DECODERS, default="auto",
                         help="the project's JPEG decoder (data.jpeg_decoder)")
     parser.add_argument("--split-images", type=int, default=200, help="images the time split is measured on")
+    parser.add_argument("--compare-resize", action="store_true",
+                        help="also time the C resize, Pillow's and torch's uint8 antialiased interpolate on the "
+                             "fused path's crops of the --split-images images, and compare torch's pixels")
     parser.add_argument("--make-test-images", metavar="DIR", type=Path,
                         help="write an ImageNet-sized JPEG set to DIR from --source, then exit")
     parser.add_argument("--source", default="fashion-mnist",

@@ -33,8 +33,9 @@ class DataConfig:
                                         "(1/2, 1/4, 1/8); false = always decode at full size"})
     jpeg_decoder: Literal["auto", "region", "simplejpeg", "pillow"] = field(
         default="auto", metadata={"help": "fused decode's JPEG decoder, all with the same pixels: region = only the "
-                                          "crop (a C library built on first use; needs cc and libjpeg headers), "
-                                          "simplejpeg or pillow = the whole frame; auto = the first that works"})
+                                          "crop (a C library built at set-up by make native; needs cc and libjpeg "
+                                          "headers), simplejpeg or pillow = the whole frame; auto = the first that "
+                                          "works"})
     shuffle_buffer: int = field(
         default=10000, metadata={"min": 1, "help": "shards: samples in the seeded shuffle buffer of each rank"})
     crop_scale: Tuple[float, float] = field(

@@ -6,26 +6,30 @@ box needs: libjpeg can run its inverse DCT at 1/2, 1/4 or 1/8 scale, which skips
 the output. The box distribution is torchvision's ``RandomResizedCrop`` exactly; only the random numbers come
 from a keyed :class:`random.Random` instead of the global torch RNG.
 
-The decoder is libjpeg-turbo in every case (``data.jpeg_decoder``; all give the same pixels):
+The decoder is libjpeg-turbo in every case; each route is a :class:`JpegDecoder` object, and a transform holds
+the chain of them that ``data.jpeg_decoder`` names, chosen once (:func:`choose_decoders`; all give the same
+pixels):
 
-- ``region``: only the crop's rows and iMCU columns (:mod:`data.jpeg_region`, a small C library built on first
-  use), which also skips the pixel work outside the crop; a crop that needs the whole frame (every eval box)
-  goes the ``simplejpeg`` way;
-- ``simplejpeg``: the whole frame, into an RGBX array;
-- ``pillow``: the whole frame through Pillow's ``draft()``, the zero-dependency route.
+- :class:`RegionDecoder`: only the crop's rows and iMCU columns (:mod:`data.jpeg_region`, a small C library
+  built at set-up); it declines a crop that needs the whole frame (every eval box);
+- :class:`SimplejpegDecoder`: the whole frame, into an RGBX array;
+- :class:`PillowDecoder`: the whole frame through Pillow's ``draft()``, the zero-dependency route. It takes
+  every file, so it ends every chain: a file a fast decoder declines (a libjpeg warning or error anywhere in the
+  file) goes to Pillow, and fails or passes exactly as it would there.
 
-The first two hand their arrays to :mod:`data.resample` (Pillow's resize, in C, with Pillow's pixels); the
-third is resized by Pillow. ``auto`` takes the first of these that works here. A file either fast decoder declines
-(a libjpeg warning or error anywhere in the file) goes to Pillow, so it fails or passes exactly as it would there.
+Every decoder's pixels are resized by :mod:`data.resample` (Pillow's resize, in C, with Pillow's pixels).
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import random
+import sys
+from dataclasses import dataclass
 from io import BytesIO
-from typing import NamedTuple, Optional, Tuple
+from typing import ClassVar, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 from PIL import Image
@@ -33,15 +37,13 @@ from PIL import Image
 from data import jpeg_region
 from data.base import to_rgb
 from data.errors import DataError
-from data.resample import in_use, resize_rgbx
+from data.resample import resize_rgbx
+from data.resample import unavailable_reason as c_resize_unavailable
 
 try:
     import simplejpeg
 except ImportError:  # an accelerator, not a requirement: Pillow decodes the same pixels, a little slower
     simplejpeg = None
-
-#: ``data.jpeg_decoder`` values other than ``auto``, in the order ``auto`` tries them.
-JPEG_DECODERS = ("region", "simplejpeg", "pillow")
 
 DCT_SCALES = (8, 4, 2)  # what libjpeg's scaled inverse DCT offers below full size, largest first
 CROP_TRIES = 10  # torchvision's RandomResizedCrop: attempts before its central-crop fallback
@@ -116,90 +118,186 @@ def can_decode_scaled(image: Image.Image) -> bool:
             and not image.info.get("progressive") and not image.info.get("progression"))
 
 
-def decoder_unavailable(name: str) -> str:
-    """Empty where the ``data.jpeg_decoder`` ``name`` works on this machine, else why it does not."""
-    if name == "region":
+class Crop:
+    """What a decoder is asked for: ``box`` of the opened (not yet decoded) plain colour JPEG ``image``, for an
+    output ``resolution`` pixels square; ``clip_to_box``: as in :func:`crop_and_resize`."""
+
+    def __init__(self, image: Image.Image, box: Box, resolution: int, clip_to_box: bool) -> None:
+        self.image, self.box, self.resolution, self.clip_to_box = image, box, resolution, clip_to_box
+        self.scale = dct_scale(box, resolution)
+
+    @functools.cached_property
+    def data(self) -> Optional[bytes]:
+        """The file's bytes where they are in memory (the fast decoders need them), else None; read once."""
+        source = getattr(self.image, "fp", None)
+        return source.getvalue() if isinstance(source, BytesIO) else None
+
+    def scaled_size(self) -> Tuple[int, int]:
+        """The image's width and height decoded at :attr:`scale` (libjpeg rounds up)."""
+        return -(-self.image.width // self.scale), -(-self.image.height // self.scale)
+
+
+class Region(NamedTuple):
+    """Decoded pixels (RGBX, [H, W, 4] uint8 with contiguous rows) and the box in them that the resize maps onto
+    the output (fractional, in their own coordinates)."""
+
+    pixels: np.ndarray
+    box: Tuple[float, float, float, float]
+
+
+class JpegDecoder(abc.ABC):
+    """One way to decode a crop. Implementations are frozen dataclasses without fields: they compare equal by
+    type and pickle into loader workers, which load what a decoder needs themselves (or inherit it by fork)."""
+
+    name: ClassVar[str]  # the data.jpeg_decoder value, for reports
+
+    def unavailable(self) -> str:
+        """Empty where this decoder works on this machine, else one line saying why not."""
+        return ""
+
+    @abc.abstractmethod
+    def decode(self, crop: Crop) -> Optional[Region]:
+        """``crop``'s pixels at :attr:`Crop.scale`, or None: not this file, the next decoder decides."""
+
+
+@dataclass(frozen=True)
+class RegionDecoder(JpegDecoder):
+    """Only the part of the frame the resize reads (:mod:`data.jpeg_region`). It declines a crop that needs the
+    whole frame (simplejpeg's newer libjpeg-turbo decodes whole frames faster), a file whose bytes are not in
+    memory, and a file libjpeg warns about or rejects anywhere (it reads the whole file to know)."""
+
+    name: ClassVar[str] = "region"
+
+    def unavailable(self) -> str:
         return jpeg_region.unavailable_reason()
-    if name == "simplejpeg" and simplejpeg is None:
-        return "simplejpeg is not installed (pip install simplejpeg)"
-    return ""
+
+    def decode(self, crop: Crop) -> Optional[Region]:
+        scaled = crop.scaled_size()
+        region = crop.box.scaled(crop.scale)
+        rect = _enclosing_rect(region, scaled, crop.clip_to_box)
+        if rect == (0, 0, *scaled) or crop.data is None:
+            return None
+        pixels = jpeg_region.decode_region(crop.data, crop.scale, rect)
+        return None if pixels is None else Region(pixels, _inside(region, rect))
 
 
-def resize_in_use(decoder: str) -> str:
-    """What resizes the crops of the (resolved) ``data.jpeg_decoder`` ``decoder``, for reports."""
-    return "Pillow (the pillow decoder)" if decoder == "pillow" else in_use()
+@dataclass(frozen=True)
+class SimplejpegDecoder(JpegDecoder):
+    """The whole frame by simplejpeg's libjpeg-turbo, into an RGBX array. It declines a file whose bytes are not in
+    memory, one that raises any libjpeg warning, and a process without simplejpeg (a worker on another host)."""
+
+    name: ClassVar[str] = "simplejpeg"
+
+    def unavailable(self) -> str:
+        return "" if simplejpeg is not None else "simplejpeg is not installed (pip install simplejpeg)"
+
+    def decode(self, crop: Crop) -> Optional[Region]:
+        if simplejpeg is None or crop.data is None:
+            return None
+        width, height = crop.scaled_size()
+        try:
+            pixels = simplejpeg.decode_jpeg(crop.data, "RGBX", min_width=width, min_height=height)
+        except ValueError:
+            return None
+        if pixels.shape[:2] != (height, width):  # a factor other than 1/scale: let Pillow do it
+            return None
+        region = crop.box.scaled(crop.scale)
+        rect = _enclosing_rect(region, (width, height), crop.clip_to_box)
+        return Region(pixels[rect[1]:rect[3], rect[0]:rect[2]], _inside(region, rect))
 
 
-@functools.lru_cache(maxsize=None)
-def resolve_jpeg_decoder(name: str) -> str:
-    """``data.jpeg_decoder`` as the decoder that runs: ``auto`` is the first of :data:`JPEG_DECODERS` available
-    here; a named one must be available (:class:`DataError` otherwise, saying why not)."""
-    if name == "auto":
-        return next(n for n in JPEG_DECODERS if not decoder_unavailable(n))
-    if name not in JPEG_DECODERS:
+@dataclass(frozen=True)
+class PillowDecoder(JpegDecoder):
+    """The whole frame through Pillow's ``draft()``, the zero-dependency route. It takes every file (a corrupt one
+    raises Pillow's error), so it ends every :class:`DecoderChain`."""
+
+    name: ClassVar[str] = "pillow"
+
+    def decode(self, crop: Crop) -> Region:
+        factor = _decode_with_pillow(crop.image, crop.scale)
+        region = crop.box.scaled(factor)
+        rect = _enclosing_rect(region, crop.image.size, crop.clip_to_box)
+        cut = crop.image if rect == (0, 0, *crop.image.size) else crop.image.crop(rect)
+        pixels = np.frombuffer(cut.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(cut.height, cut.width, 4)
+        return Region(pixels, _inside(region, rect))
+
+
+PILLOW = PillowDecoder()
+#: Every decoder, in the order ``auto`` tries them; Pillow last, because it takes every file.
+DECODERS: Tuple[JpegDecoder, ...] = (RegionDecoder(), SimplejpegDecoder(), PILLOW)
+#: ``data.jpeg_decoder`` values other than ``auto``.
+JPEG_DECODERS = tuple(decoder.name for decoder in DECODERS)
+
+
+class DecoderChain(NamedTuple):
+    """The decoders a transform tries in turn, chosen once (:func:`choose_decoders`): ``fast`` ones, each of which
+    may decline a file, then Pillow, which takes it."""
+
+    fast: Tuple[JpegDecoder, ...]
+
+    @property
+    def name(self) -> str:
+        """The decoder that answers for the plain JPEGs it can take, for reports."""
+        return (self.fast[0] if self.fast else PILLOW).name
+
+    def decode(self, crop: Crop) -> Region:
+        for decoder in self.fast:
+            region = decoder.decode(crop)
+            if region is not None:
+                return region
+        return PILLOW.decode(crop)
+
+
+_SAID: Set[str] = set()  # the fallback lines this process has printed
+
+
+def choose_decoders(name: str) -> DecoderChain:
+    """The chain ``data.jpeg_decoder`` ``name`` stands for here: the named decoder (``auto``: the first of
+    :data:`DECODERS` that works) and the working ones after it, then Pillow. A named decoder that does not work is
+    a :class:`DataError` saying why. What a missing C helper makes the chain fall back to is said once per process,
+    in one line on stderr."""
+    if name != "auto" and name not in JPEG_DECODERS:
         raise DataError(f"data.jpeg_decoder: {name!r} is not a decoder; expected auto or one of "
                         f"{', '.join(JPEG_DECODERS)}")
-    reason = decoder_unavailable(name)
-    if reason:
+    start = 0 if name == "auto" else JPEG_DECODERS.index(name)
+    reason = DECODERS[start].unavailable()
+    if reason and name != "auto":
         raise DataError(f"data.jpeg_decoder: {name!r} is not available here: {reason} (auto picks what works)")
-    return name
+    chain = DecoderChain(tuple(d for d in DECODERS[start:-1] if not d.unavailable()))
+    fallbacks = []
+    if start == 0 and reason:
+        fallbacks.append(f"the JPEG region decoder is not available ({reason}): crops decode whole frames "
+                         f"through {chain.name}")
+    if c_resize_unavailable():
+        fallbacks.append(f"the C resize is not available ({c_resize_unavailable()}): Pillow resizes")
+    line = "; ".join(fallbacks)
+    if line and line not in _SAID:
+        _SAID.add(line)
+        print(f"note: {line} (same pixels, slower)", file=sys.stderr, flush=True)
+    return chain
 
 
 def crop_and_resize(image: Image.Image, box: Box, resolution: int, *, clip_to_box: bool,
-                    fused: bool = True, decoder: str = "auto",
-                    resample: int = Image.Resampling.BILINEAR) -> Image.Image:
+                    decoders: Optional[DecoderChain], resample: int = Image.Resampling.BILINEAR) -> Image.Image:
     """``box`` of the (not yet decoded) ``image`` resized to ``resolution`` x ``resolution``: an RGB image, or RGBX
-    (the same pixels plus a padding byte, the fast decoders' layout, which is also how Pillow stores RGB).
+    (the same pixels plus a padding byte, the decoders' layout, which is also how Pillow stores RGB).
 
     ``clip_to_box``: the resize filter sees only the box (torchvision's crop-then-resize, the training crop);
     otherwise it may reach past the box edges like a resize of the whole image followed by a crop (the eval
-    transform). ``resample`` is Pillow's filter (bilinear, or bicubic for the eval transform). With ``fused`` and a
-    plain JPEG, the decode runs at :func:`dct_scale`, which only ever leaves a downscale for the filter, through
-    ``decoder`` (a ``data.jpeg_decoder`` value); at scale 1, or on the plain path, the pixels are exactly
-    torchvision's. The fast decoders' arrays are resized by :mod:`data.resample`, which gives Pillow's pixels.
+    transform). ``resample`` is Pillow's filter (bilinear, or bicubic for the eval transform). With ``decoders``
+    (the fused decode) a plain JPEG is decoded at :func:`dct_scale`, which only ever leaves a downscale for the
+    filter, and resized by :mod:`data.resample`, which gives Pillow's pixels; without (``None``), or for any other
+    file, the image is decoded in full (the plain path). At scale 1, and on the plain path, the pixels are
+    exactly torchvision's.
     """
-    if fused and can_decode_scaled(image):
-        # Only auto is resolved here: a named decoder was checked where the transform was built, and one that is
-        # missing in this process (a worker on another host) must not make every file look corrupt.
-        decoder = resolve_jpeg_decoder(decoder) if decoder == "auto" else decoder
-        source = getattr(image, "fp", None)  # the fast decoders need the bytes in memory
-        data = source.getvalue() if decoder != "pillow" and isinstance(source, BytesIO) else None
-        if decoder == "region" and data is not None:
-            resized = resize_jpeg_region(data, image.size, box, resolution, clip_to_box=clip_to_box,
-                                         resample=resample)
-            if resized is not None:
-                return resized
-        scale = dct_scale(box, resolution)
-        pixels = _decode_with_simplejpeg(data, image.size, scale)
-        if pixels is not None:
-            region = box.scaled(scale)
-            rect = _enclosing_rect(region, (pixels.shape[1], pixels.shape[0]), clip_to_box)
-            return resize_rgbx(pixels[rect[1]:rect[3], rect[0]:rect[2]], (resolution, resolution), resample,
-                               _inside(region, rect))
-        factor = _decode_with_pillow(image, scale)
-    else:
-        image, factor = to_rgb(image), 1.0
-    region = box.scaled(factor)
-    rect = _enclosing_rect(region, image.size, clip_to_box)
+    if decoders is not None and can_decode_scaled(image):
+        region = decoders.decode(Crop(image, box, resolution, clip_to_box))
+        return resize_rgbx(region.pixels, (resolution, resolution), resample, region.box)
+    image = to_rgb(image)
+    whole = box.scaled(1)
+    rect = _enclosing_rect(whole, image.size, clip_to_box)
     cut = image if rect == (0, 0, *image.size) else image.crop(rect)
-    return cut.resize((resolution, resolution), resample, box=_inside(region, rect))
-
-
-def resize_jpeg_region(data: bytes, size: Tuple[int, int], box: Box, resolution: int, *, clip_to_box: bool,
-                       resample: int) -> Optional[Image.Image]:
-    """:func:`crop_and_resize` through the region decoder, on a plain JPEG's bytes (``size``: its width and
-    height): only the part of the frame the resize reads is decoded, at :func:`dct_scale`. None where that is the
-    whole frame (simplejpeg's newer libjpeg-turbo decodes whole frames faster) or the decoder declines."""
-    scale = dct_scale(box, resolution)
-    scaled = (-(-size[0] // scale), -(-size[1] // scale))
-    region = box.scaled(scale)
-    rect = _enclosing_rect(region, scaled, clip_to_box)
-    if rect == (0, 0, *scaled):
-        return None
-    pixels = jpeg_region.decode_region(data, scale, rect)
-    if pixels is None:
-        return None
-    return resize_rgbx(pixels, (resolution, resolution), resample, _inside(region, rect))
+    return cut.resize((resolution, resolution), resample, box=_inside(whole, rect))
 
 
 def _inside(region: Tuple[float, float, float, float], rect: jpeg_region.Rect) -> Tuple[float, float, float, float]:
@@ -228,19 +326,3 @@ def _decode_with_pillow(image: Image.Image, scale: int) -> float:
             factor = width / drafted[1][2]
     image.load()
     return factor
-
-
-def _decode_with_simplejpeg(data: Optional[bytes], size: Tuple[int, int], scale: int) -> Optional[np.ndarray]:
-    """The JPEG ``data`` (``size``: its width and height) decoded by libjpeg-turbo at ``scale`` as an RGBX array
-    [H, W, 4], or None where this route does not apply (no simplejpeg, or the bytes are not in memory) or the
-    file raises any libjpeg warning: Pillow then decides, so a file fails or passes exactly as it would there."""
-    if simplejpeg is None or data is None:
-        return None
-    width, height = -(-size[0] // scale), -(-size[1] // scale)
-    try:
-        pixels = simplejpeg.decode_jpeg(data, "RGBX", min_width=width, min_height=height)
-    except ValueError:
-        return None
-    if pixels.shape[:2] != (height, width):  # a factor other than 1/scale: let Pillow do it
-        return None
-    return pixels

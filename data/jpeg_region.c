@@ -5,12 +5,14 @@
  * entropy decoding of the whole file (which also checks it) plus the pixel work of the crop and of the last
  * row, instead of the pixel work of the whole frame.
  *
- * Built by data/native.py with the system C compiler against the system libjpeg's headers; called through
- * ctypes. Plain C, no Python headers: one shared object serves every Python version.
+ * Built at set-up (python -m data.build_helpers, make native) with the system C compiler against the system
+ * libjpeg's headers; called through ctypes. Plain C, no Python headers: one shared object serves every Python
+ * version.
  *
  * The system libjpeg is opened by its path (EFFNET_LIBJPEG, set at build time) with RTLD_DEEPBIND rather than
  * linked: torchvision and Pillow wheels load their own copies, one of which may carry the same soname
  * (libjpeg.so.62) without the partial-decoding functions, and a linked dependency would bind to that copy.
+ * RTLD_DEEPBIND is glibc's: elsewhere the build stops here and the set-up reports the helper as unavailable.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -21,6 +23,9 @@
 
 #include <jpeglib.h>
 
+#ifndef RTLD_DEEPBIND
+#error "needs dlopen's RTLD_DEEPBIND (glibc): on this C library the region decoder is not built"
+#endif
 #ifndef EFFNET_LIBJPEG
 #error "build with -DEFFNET_LIBJPEG=\"/path/to/libjpeg.so.62\""
 #endif

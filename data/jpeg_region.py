@@ -1,8 +1,8 @@
-"""Decoding only a JPEG's crop: ``jpeg_region.c``, built on first use by :mod:`data.native` against the system
-libjpeg's headers (Debian: ``gcc`` and ``libjpeg62-turbo-dev``) into ``$XDG_CACHE_HOME/effnet-ipu/jpeg-region/`` and
-called through ctypes (see docs/data.md, "Decoding only the crop"). Loading checks it on a small image against
-Pillow. Where it cannot be built or checked, :func:`unavailable_reason` says why and the fused decode uses a
-full-frame decoder instead (``data.jpeg_decoder: auto``).
+"""Decoding only a JPEG's crop: ``jpeg_region.c``, built at set-up (:mod:`data.native`, ``make native``) against
+the system libjpeg's headers (Debian: ``gcc`` and ``libjpeg62-turbo-dev``) into
+``$XDG_CACHE_HOME/effnet-ipu/jpeg-region/`` and called through ctypes (see docs/data.md, "Decoding only the crop").
+Loading checks it on a small image against Pillow. Where it is not built or fails the check,
+:func:`unavailable_reason` says why and the fused decode uses a full-frame decoder instead.
 """
 
 from __future__ import annotations
@@ -27,16 +27,27 @@ Rect = Tuple[int, int, int, int]  # left, top, right, bottom in decoded pixels
 
 
 def _system_libjpeg(compiler: List[str]) -> str:
-    """The libjpeg the compiler links against, as a real path (the shared object opens it by this path)."""
-    path = native.run_compiler([*compiler, "-print-file-name=libjpeg.so"], "finding libjpeg").stdout.strip()
-    if not os.path.isabs(path) or not os.path.exists(path):
+    """The libjpeg the compiler links against, as a real path (the shared object opens it by this path): what
+    ``-print-file-name`` answers, else the first ``libjpeg.so`` in the compiler's library directories
+    (``-print-search-dirs``; a compiler may answer the first with the bare name)."""
+    named = native.run_compiler([*compiler, "-print-file-name=libjpeg.so"], "finding libjpeg").stdout.strip()
+    candidates = [named]
+    listing = native.run_compiler([*compiler, "-print-search-dirs"], "finding libjpeg").stdout
+    for line in listing.splitlines():
+        if line.startswith("libraries:"):
+            candidates += [os.path.join(d, "libjpeg.so") for d in line.split("=", 1)[-1].split(os.pathsep) if d]
+    found = next((path for path in candidates if os.path.isabs(path) and os.path.exists(path)), None)
+    if found is None:
         raise BuildError("the compiler finds no libjpeg.so; install Debian's libjpeg62-turbo-dev")
-    return os.path.realpath(path)
+    return os.path.realpath(found)
 
 
-def _build(rebuild: bool) -> Path:
-    return native.build(SOURCE, "jpeg-region", ["-O2", f'-DEFFNET_LIBJPEG="{_system_libjpeg(native.compiler())}"'],
-                        ["-ldl"], "libjpeg's headers are in Debian's libjpeg62-turbo-dev", rebuild)
+def _libjpeg_flag(compiler: List[str]) -> List[str]:
+    return [f'-DEFFNET_LIBJPEG="{_system_libjpeg(compiler)}"']
+
+
+HELPER = native.Helper("jpeg-region", SOURCE, ("-O2",), ("-ldl",),
+                       "libjpeg's headers are in Debian's libjpeg62-turbo-dev", found_flags=_libjpeg_flag)
 
 
 def _self_check(function: Callable[..., int]) -> None:
@@ -75,7 +86,7 @@ def _setup(library: ctypes.CDLL) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def _library() -> Tuple[Optional[ctypes.CDLL], str]:
     """The loaded library, or None and why not (tried once per process; forked workers inherit it)."""
-    return native.load(_build, _setup)
+    return HELPER.load(_setup)
 
 
 def unavailable_reason() -> str:

@@ -1,5 +1,5 @@
-"""Pillow's resize, with Pillow's pixels, about 2.4x faster: ``resample.c`` built on first use by
-:mod:`data.native` and called through ctypes on the fast decoders' RGBX arrays (see docs/data.md, "The resize").
+"""Pillow's resize, with Pillow's pixels, about 2.4x faster: ``resample.c`` built at set-up (:mod:`data.native`,
+``make native``) and called through ctypes on the JPEG decoders' RGBX arrays (see docs/data.md, "The resize").
 
 Pillow 13 chose a new pass order (vertical first when the height shrinks by more than twice as many pixels as
 the width); the order follows the installed Pillow's major version. Loading checks the result against the
@@ -55,10 +55,9 @@ _CHECKS = (
 )
 
 
-def _build(rebuild: bool) -> Path:
-    # -ffp-contract=off: no fused multiply-add in the weights, which Pillow's build computes without.
-    return native.build(SOURCE, "resample", ["-O3", "-ffp-contract=off"], ["-lm"],
-                        "the C library's headers are in Debian's libc6-dev (gcc brings it)", rebuild)
+# -ffp-contract=off: no fused multiply-add in the weights, which Pillow's build computes without.
+HELPER = native.Helper("resample", SOURCE, ("-O3", "-ffp-contract=off"), ("-lm",),
+                       "the C library's headers are in Debian's libc6-dev (gcc brings it)")
 
 
 def _call(library: ctypes.CDLL, pixels: np.ndarray, box: BoxF, size: Tuple[int, int], resample: int,
@@ -95,7 +94,7 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
     if platform.machine() not in CHECKED_MACHINES:
         return None, (f"checked against Pillow on x86-64 only, not {platform.machine()}, where Pillow's build may "
                       "fuse the multiply-adds of its filter weights")
-    return native.load(_build, _setup)
+    return HELPER.load(_setup)
 
 
 def unavailable_reason() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 import numpy as np
@@ -20,10 +20,16 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from data import resample
 from data.base import to_rgb
 from data.config import DataConfig
-from data.decode import Box, crop_and_resize, random_resized_crop_box, resize_then_center_crop_box, resolve_jpeg_decoder
+from data.decode import (
+    Box,
+    DecoderChain,
+    choose_decoders,
+    crop_and_resize,
+    random_resized_crop_box,
+    resize_then_center_crop_box,
+)
 from data.errors import DataError
 from data.seeding import derive_seed, torch_rng_seeded
 
@@ -64,10 +70,14 @@ class Preprocessing:
     crop_ratio: Tuple[float, float] = (0.75, 1.3333)
     hflip: bool = True
     randaugment: int = 0  # magnitude (of 30 bins) for 2 ops; 0 = off
-    fused_decode: bool = True
-    jpeg_decoder: str = "auto"  # a data.jpeg_decoder value (see data.decode)
+    #: The fused decode's JPEG decoders, chosen once (see data.decode); None: every file decoded in full.
+    decoders: Optional[DecoderChain] = field(default_factory=functools.partial(choose_decoders, "auto"))
     crop_pct: float = 0.875  # eval: centre crop share of the resized shorter side
     interpolation: str = "bilinear"  # eval: the resize filter (a key of RESAMPLE)
+
+    @property
+    def fused_decode(self) -> bool:
+        return self.decoders is not None
 
     def draws(self, seed: Optional[int]) -> random.Random:
         """The sample's random stream: from its key's seed, or (plain int indexing) from the ambient torch RNG
@@ -87,7 +97,7 @@ class Preprocessing:
         """Decode ``image`` and cut the S x S region (RGB or RGBX); where corrupt files fail (a ``DECODE_ERRORS``)."""
         train = self.kind == "train"
         return crop_and_resize(image, self.box(image.width, image.height, draws), self.resolution,
-                               clip_to_box=train, fused=self.fused_decode, decoder=self.jpeg_decoder,
+                               clip_to_box=train, decoders=self.decoders,
                                resample=RESAMPLE["bilinear" if train else self.interpolation])
 
     def finish(self, region: Image.Image, draws: random.Random, seed: Optional[int]) -> torch.Tensor:
@@ -122,11 +132,10 @@ def build_transform(preprocessing: PreprocessingKind, resolution: int, cfg: Data
     if preprocessing not in ("train", "eval"):
         raise DataError(f"preprocessing must be 'train' or 'eval', got {preprocessing!r}")
     magnitude = cfg.randaugment if randaugment is None else randaugment
-    decoder = resolve_jpeg_decoder(cfg.jpeg_decoder) if cfg.fused_decode else cfg.jpeg_decoder
-    if cfg.fused_decode and decoder != "pillow":
-        resample.unavailable_reason()  # loads (or builds) the C resize here, so that forked loader workers inherit it
+    # Choosing the decoders loads the C helpers they use here, so that forked loader workers inherit them.
+    decoders = choose_decoders(cfg.jpeg_decoder) if cfg.fused_decode else None
     return Preprocessing(preprocessing, resolution, crop_scale=tuple(cfg.crop_scale),  # type: ignore[arg-type]
                          crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,  # type: ignore[arg-type]
                          randaugment=int(round(magnitude)) if magnitude and preprocessing == "train" else 0,
-                         fused_decode=cfg.fused_decode, jpeg_decoder=decoder, crop_pct=cfg.eval_crop_pct,
+                         decoders=decoders, crop_pct=cfg.eval_crop_pct,
                          interpolation=cfg.interpolation)

@@ -37,9 +37,9 @@ def test_make_test_images_then_benchmark_all_pipelines(tmp_path):
     for split, resolution in (("train", "160"), ("val", "224")):
         done = bench("--data", str(tmp_path / "set"), "--split", split, "--resolution", resolution,
                      "--workers", "1", "--images", "6", "--batch-size", "2", "--repeats", "2",
-                     "--split-images", "6")
+                     "--split-images", "6", "--compare-resize")
         assert done.returncode == 0, done.stderr
-        host, *lines = [json.loads(line) for line in done.stdout.splitlines()]
+        host, *lines, resizes = [json.loads(line) for line in done.stdout.splitlines()]
         assert host["host"]["cores_usable"] >= 1 and host["host"]["jpeg_decoder"] in ("region", "simplejpeg", "pillow")
         assert [line["pipeline"] for line in lines] == ["torchvision", "fused", "plain"]
         for line in lines:
@@ -51,6 +51,21 @@ def test_make_test_images_then_benchmark_all_pipelines(tmp_path):
             assert 0 < low <= high
         assert lines[0]["ratio_vs_torchvision"] == 1.0 and lines[0]["ratio_range"] == [1.0, 1.0]
         assert abs(sum(lines[1]["dct_scales"].values()) - 1) < 1e-6
+        check_resize_comparison(resizes, "train" if split == "train" else "eval", int(resolution))
+
+
+def check_resize_comparison(line: dict, kind: str, resolution: int) -> None:
+    """The ``--compare-resize`` line: every plain JPEG's crop timed by each resize, torch's pixels compared with
+    Pillow's, or why torch was not timed."""
+    assert (line["resize_compare"], line["resolution"], line["crops"]) == (kind, resolution, 6)
+    assert line["filter"] == "bilinear" and line["c_resize"]
+    timed = ["c", "pillow"] + ([] if "torch_unavailable" in line else ["torch"])
+    assert sorted(line["crops_per_s"]) == sorted(timed) and all(v > 0 for v in line["crops_per_s"].values())
+    if "torch" in timed:
+        assert line["torch_vs_c"] > 0
+        gaps = line["torch_vs_pillow_levels"]
+        assert gaps["all"]["crops"] == 6 and 0 <= gaps["same_box"]["crops"] <= 6
+        assert 0 <= gaps["all"]["share_over_1"] <= 1 and gaps["all"]["max"] <= 255
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -24,6 +25,7 @@ from bench.data import make_test_images
 from conftest import REPO_ROOT, needs_c_resize, needs_jpeg_region
 from data import DataConfig, DataError, build_dataset, build_transform, jpeg_region, resample
 from data.decode import Box, can_decode_scaled, dct_scale, random_resized_crop_box, resize_then_center_crop_box
+from data.native import BuildError
 from data.transforms import image_to_tensor
 
 BILINEAR = transforms.InterpolationMode.BILINEAR
@@ -113,8 +115,8 @@ def torchvision_eval(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def region(data: bytes, box: Box, size: int, fused: bool, clip: bool = True, decoder: str = "auto") -> torch.Tensor:
-    return image_to_tensor(decode.crop_and_resize(opened(data), box, size, clip_to_box=clip, fused=fused,
-                                                  decoder=decoder))
+    return image_to_tensor(decode.crop_and_resize(opened(data), box, size, clip_to_box=clip,
+                                                  decoders=decode.choose_decoders(decoder) if fused else None))
 
 
 def sample_boxes(files: List[bytes], size: int, per_file: int) -> List[Tuple[bytes, Box]]:
@@ -256,7 +258,7 @@ def test_region_decode_equals_the_same_region_of_a_full_decode_at_every_dct_scal
 @pytest.mark.parametrize("size, clip", [(64, True), (160, True), (224, False)])
 def test_every_jpeg_decoder_gives_the_same_pixels(jpeg_sets, size, clip, monkeypatch):
     """region, simplejpeg and Pillow, through the whole crop + resize, for training and eval boxes; training crops
-    must really have gone through the region decoder, and the fast decoders' crops through the C resize."""
+    must really have gone through the region decoder, and every decoder's crops through the C resize."""
     needs_jpeg_region()
     needs_c_resize()
     fast = ["region"] + (["simplejpeg"] if decode.simplejpeg is not None else [])
@@ -274,7 +276,7 @@ def test_every_jpeg_decoder_gives_the_same_pixels(jpeg_sets, size, clip, monkeyp
         for name in fast:
             assert torch.equal(region(data, box, size, fused=True, clip=clip, decoder=name), expected), name
     assert len(regions) >= (len(samples) // 2 if clip else 0)  # eval boxes need the whole frame: simplejpeg's
-    assert len(resizes) == len(samples) * len(fast)  # every fast decoder's crop of every sample
+    assert len(resizes) == len(samples) * (len(fast) + 1)  # every decoder's crop of every sample
 
 
 def damaged(data: bytes, rng: random.Random, kind: int) -> bytes:
@@ -341,75 +343,120 @@ def test_truncated_jpeg_is_named_as_corrupt_with_every_decoder(jpeg_sets, tmp_pa
     bad.write_bytes(data[:len(data) * 3 // 4])
     cfg = DataConfig(dataset="imagefolder", path=str(tmp_path), jpeg_decoder=decoder)
     train = build_dataset(cfg, "train", build_transform("train", 32, cfg))
-    assert train.transform.jpeg_decoder == decoder
+    assert train.transform.decoders.name == decoder
     top_box = Box(0, 0, 64, 32)  # rows that the cut file still has
     if decoder == "region":
         assert jpeg_region.decode_region(bad.read_bytes(), 1, (0, 0, 64, 32)) is None
     with pytest.raises(OSError):
-        decode.crop_and_resize(opened(bad.read_bytes()), top_box, 32, clip_to_box=True, decoder=decoder)
+        decode.crop_and_resize(opened(bad.read_bytes()), top_box, 32, clip_to_box=True,
+                               decoders=decode.choose_decoders(decoder))
     with pytest.raises(DataError, match=f"corrupt image {bad}"):
         train[0]
     assert train[1][0].shape == (3, 32, 32)
 
 
-def build_in_subprocess(tmp_path: Path, cc: str) -> subprocess.CompletedProcess:
-    """What a fresh process on a machine with this ``CC`` (and an empty cache) makes of the decoders."""
-    code = ("from data import decode, jpeg_region, resample\n"
-            "print(repr(jpeg_region.unavailable_reason()))\n"
-            "print(decode.resolve_jpeg_decoder('auto'))\n"
-            "print(resample.in_use())\n")
+def run_python(tmp_path: Path, code: str, cc: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh process with this ``CC`` and the helpers' cache under ``tmp_path``."""
     env = {**os.environ, "CC": cc, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
-def test_without_a_compiler_auto_falls_back_and_region_is_a_one_line_error(tmp_path):
-    done = build_in_subprocess(tmp_path, str(tmp_path / "no-such-cc"))
+def recording_compiler(tmp_path: Path) -> Tuple[str, Path]:
+    """A ``CC`` that only notes that it was called (and fails), and the file it notes it in."""
+    calls = tmp_path / "cc-calls"
+    script = tmp_path / "recording-cc"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    script.chmod(0o755)
+    return str(script), calls
+
+
+#: A process that builds the transforms a run builds and says what they decode and resize with.
+RUN = ("from data import DataConfig, build_transform, resample\n"
+       "for kind in ('train', 'eval', 'train'):\n"
+       "    transform = build_transform(kind, 32, DataConfig())\n"
+       "print(transform.decoders.name)\n"
+       "print(resample.in_use())\n")
+BUILD = "from data.build_helpers import main\nmain()\n"
+
+
+def test_a_run_never_compiles_and_says_once_what_it_falls_back_to(tmp_path):
+    """With no helpers built, building transforms (three times) calls no compiler and prints one line, once."""
+    cc, calls = recording_compiler(tmp_path)
+    done = run_python(tmp_path, RUN, cc)
     assert done.returncode == 0, done.stderr
-    reason, fallback, resize = done.stdout.splitlines()
-    assert "no C compiler" in reason and "no-such-cc" in reason
-    assert fallback == ("simplejpeg" if decode.simplejpeg is not None else "pillow")
-    assert resize.startswith("Pillow (no C compiler") and "no-such-cc" in resize
-    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert not calls.exists(), calls.read_text()
+    decoder, resize = done.stdout.splitlines()
+    assert decoder == ("simplejpeg" if decode.simplejpeg is not None else "pillow")
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("note: the JPEG region decoder is not available (jpeg_region.c is not built"), line
+    assert f"crops decode whole frames through {decoder}" in line and "make native" in line, line
+    if resample.platform.machine() in resample.CHECKED_MACHINES:
+        assert "the C resize is not available (resample.c is not built" in line, line
+        assert resize.startswith("Pillow (resample.c is not built"), resize
+    env = {**os.environ, "CC": cc, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "train", "--config", "configs/models/efficientnet-b0-g16-ln-pn.yml",
                            "--print-config", "--set", "data.jpeg_decoder=region"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("error: data.jpeg_decoder: 'region' is not available here: no C compiler"), line
+    assert line.startswith("error: data.jpeg_decoder: 'region' is not available here: jpeg_region.c is not "
+                           "built"), line
+    assert not calls.exists(), calls.read_text()
 
 
-def test_a_failed_compile_names_the_cause_and_a_good_one_is_built_once(tmp_path):
+def test_the_set_up_names_a_failed_compile_and_a_run_loads_its_build(tmp_path):
     needs_jpeg_region()
     needs_c_resize()
-    broken = build_in_subprocess(tmp_path, "cc -nostdinc")  # no system headers: as if libjpeg-dev were missing
-    reason, _, resize = broken.stdout.splitlines()
-    assert "compiling jpeg_region.c failed" in reason and "compiling resample.c failed" in resize, broken.stdout
+    broken = run_python(tmp_path, BUILD, "cc -nostdinc")  # no system headers: as if libjpeg-dev were missing
+    assert broken.returncode == 0, broken.stderr
+    region_line, resize_line = broken.stdout.splitlines()
+    assert region_line.startswith("jpeg-region: not built: compiling jpeg_region.c failed"), region_line
+    assert resize_line.startswith("resample: not built: compiling resample.c failed"), resize_line
     assert not list((tmp_path / "cache").rglob("*.so*")), "a failed build left files behind"
     cc = os.environ.get("CC", "").strip() or "cc"
-    first = build_in_subprocess(tmp_path, cc)
-    assert first.stdout.splitlines()[:2] == ["''", "region"], first.stdout + first.stderr
-    assert first.stdout.splitlines()[2].startswith("C, "), first.stdout
+    first = run_python(tmp_path, BUILD, cc)
+    assert all(" (built with " in line and line.endswith("), checked") for line in first.stdout.splitlines()), \
+        first.stdout
+    assert "-DEFFNET_LIBJPEG=" in first.stdout  # the libjpeg the set-up found, recorded in the build
     built = [next((tmp_path / "cache" / "effnet-ipu" / name).glob("*.so")) for name in ("jpeg-region", "resample")]
     umask = os.umask(0)
     os.umask(umask)
     for library in built:  # not mkstemp's 0600: a shared cache serves every user
         assert library.stat().st_mode & 0o777 == 0o755 & ~umask, library
     stamps = [library.stat().st_mtime_ns for library in built]
-    assert build_in_subprocess(tmp_path, cc).stdout.splitlines() == first.stdout.splitlines()
-    assert [library.stat().st_mtime_ns for library in built] == stamps  # loaded from the cache, not rebuilt
+    again = run_python(tmp_path, BUILD, cc)
+    assert all(line.endswith(" (already built), checked") for line in again.stdout.splitlines()), again.stdout
+    recording, calls = recording_compiler(tmp_path)
+    run = run_python(tmp_path, RUN, recording)
+    assert run.stdout.splitlines()[0] == "region" and run.stdout.splitlines()[1].startswith("C, "), run.stdout
+    assert run.stderr == "" and not calls.exists()
+    assert [library.stat().st_mtime_ns for library in built] == stamps  # loaded, not rebuilt
 
 
-def test_image_to_tensor_is_channels_first_and_contiguous_from_rgb_or_rgbx_and_mirrors():
-    pixels = np.random.default_rng(0).integers(0, 255, (7, 5, 3), dtype=np.uint8)
-    expected = torch.from_numpy(pixels).permute(2, 0, 1)
-    for image in (Image.fromarray(pixels), Image.fromarray(pixels).convert("RGBX")):
-        tensor = image_to_tensor(image)
-        assert tensor.is_contiguous() and torch.equal(tensor, expected)
-        assert torch.equal(image_to_tensor(image, mirror=True), expected.flip(2))
-        assert torch.equal(image_to_tensor(image, mirror=True),
-                           image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
-    with pytest.raises(ValueError, match="mode 'L'"):
-        image_to_tensor(Image.fromarray(pixels).convert("L"))
+def test_a_build_whose_libjpeg_is_gone_falls_back_with_the_reason(tmp_path, monkeypatch):
+    """The region decoder opens the libjpeg the set-up found by its path: where that path no longer holds (the
+    package removed, another host), loading says why instead of failing a run."""
+    needs_jpeg_region()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gone = dataclasses.replace(jpeg_region.HELPER,
+                               found_flags=lambda cc: ['-DEFFNET_LIBJPEG="/nonexistent/libjpeg.so.62"'])
+    gone.build()
+    library, reason = gone.load(jpeg_region._setup)
+    assert library is None and "cannot use the system libjpeg: /nonexistent/libjpeg.so.62" in reason, reason
 
 
+def test_the_set_up_finds_libjpeg_in_the_compilers_search_dirs(tmp_path):
+    """A compiler that answers ``-print-file-name`` with the bare name (as some do when unsure) still leads to the
+    library through ``-print-search-dirs``."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libjpeg.so").write_bytes(b"")
+    script = tmp_path / "vague-cc"
+    script.write_text("#!/bin/sh\ncase \"$1\" in\n  -print-file-name=*) echo libjpeg.so ;;\n"
+                      f"  -print-search-dirs) echo 'install: /x'; echo 'libraries: =/nowhere:{tmp_path / 'lib'}' ;;\n"
+                      "esac\n")
+    script.chmod(0o755)
+    assert jpeg_region._system_libjpeg([str(script)]) == str((tmp_path / "lib" / "libjpeg.so").resolve())
+    script.write_text("#!/bin/sh\necho libjpeg.so\n")
+    with pytest.raises(BuildError, match="the compiler finds no libjpeg.so"):
+        jpeg_region._system_libjpeg([str(script)])

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from data import DataError
-from data.decode import resize_in_use, resolve_jpeg_decoder
+from data.decode import choose_decoders
+from data.resample import in_use as resize_in_use
 from ipu_options.plan import PlanError
 
 from .backends import BackendError
@@ -129,8 +130,7 @@ def print_config(config: Optional[str], overrides: List[str]) -> None:
     for line in describe_plan(plan, launch_world_size()):
         print(f"#   {line}")
     if cfg.data.fused_decode:  # auto becomes a decoder here; a named one that cannot run is an error here
-        decoder = resolve_jpeg_decoder(cfg.data.jpeg_decoder)
-        print(f"#   JPEG decoder: {decoder}, resize: {resize_in_use(decoder)}")
+        print(f"#   JPEG decoder: {choose_decoders(cfg.data.jpeg_decoder).name}, resize: {resize_in_use()}")
 
 
 def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
