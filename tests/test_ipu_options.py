@@ -501,6 +501,21 @@ def test_describe_prints_one_json_document_for_both_phases(capsys):
     assert train["optimizer_state_in_checkpoints"] is True
 
 
+def test_describe_launches_a_fine_tune_of_another_geometry_on_its_own(capsys):
+    """Under poprun every phase must match the launch (checked before the first step), so a fine-tune phase with
+    its own replicas gets its own command, and the training phase's command leaves the fine-tune out."""
+    args = ["--config", str(B0_HALF), "--set", "ipu.finetune.replicas=16", "--set",
+            "ipu.finetune.pipeline=[{start: stem, ipu: 0}]", "--set", "ipu.finetune.available_memory_proportion=0.2",
+            "--describe"]
+    assert ipu_main(args) == 0
+    train, fine = (phase["launch"] for phase in json.loads(capsys.readouterr().out)["phases"])
+    config = f"--config {B0_HALF}"
+    assert train == ("poprun --num-instances 4 --num-replicas 8 --ipus-per-replica 2 python -m train "
+                     f"{config} --set finetune.enabled=false")
+    assert fine == ("poprun --num-instances 4 --num-replicas 16 --ipus-per-replica 1 python -m train.finetune "
+                    f"--checkpoint <run>/checkpoints/train-final.pt {config}")
+
+
 def test_describe_refuses_more_ipus_in_one_process_than_poptorch_attaches(capsys):
     args = ["--config", str(B0_HALF), "--set", "ipu.replicas=3", "--set", "ipu.instances=1", "--describe"]
     assert ipu_main(args) == 2
