@@ -314,6 +314,8 @@ def test_ipu_finetune_follows_the_one_override_rule():
                                                                       "ipu.device_iterations")
     assert train.keys["replicas"] == "ipu.replicas"
     assert small("finetune.enabled=true").ipu.finetune is None  # no section: every key keeps its ipu value
+    with pytest.raises(ConfigError, match=r"unknown key 'ipu.finetune.instances'"):  # not in PHASE_FIELDS
+        small("ipu.finetune={instances: 2}")
 
 
 def test_unknown_finetune_override_key_is_rejected():
