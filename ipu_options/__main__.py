@@ -4,7 +4,7 @@
 layer, memory proportion, recompute), replicas, accumulation, device iterations, micro and global batch,
 precision, and the ordered PopTorch option calls for the training and the validation model. It needs neither
 PopTorch nor IPUs, and it validates the recipe exactly as a run would (a mistake exits with code 2 and a message
-naming the key).
+naming the key); a run and ``--compile-only`` also check every phase against the poprun launch they run under.
 
 ``--compile-only`` compiles every phase's training and validation executables against an offline IPU target
 (``opts.useOfflineIpuTarget``): no IPU is needed, but PopTorch (the Poplar SDK) is. PopTorch skips its device-size
