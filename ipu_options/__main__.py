@@ -4,7 +4,7 @@
 layer, memory proportion, recompute), replicas, accumulation, device iterations, micro and global batch,
 precision, and the ordered PopTorch option calls for the training and the validation model. It needs neither
 PopTorch nor IPUs, and it validates the recipe exactly as a run would (a mistake exits with code 2 and a message
-naming the key).
+naming the key); a run and ``--compile-only`` also check every phase against the poprun launch they run under.
 
 ``--compile-only`` compiles every phase's training and validation executables against an offline IPU target
 (``opts.useOfflineIpuTarget``): no IPU is needed, but PopTorch (the Poplar SDK) is. PopTorch skips its device-size
@@ -23,9 +23,17 @@ from models import build_model
 from train.backends import IPUBackend, make_backend
 from train.cli import run_guarded
 from train.config import ConfigError, load_config
-from train.run_plan import RunPlan, plan_run
+from train.run_plan import RunPlan, plan_launch, plan_run
 
-from .plan import describe
+from .plan import (
+    IpuPhasePlan,
+    calls_to_json,
+    constructor,
+    launch_command,
+    needs_own_launch,
+    training_calls,
+    validation_calls,
+)
 
 
 def compact_json(value: Any, indent: int = 0, width: int = 110) -> str:
@@ -60,16 +68,41 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def job() -> None:
         cfg = load_config(args.config, args.overrides)
-        plan = plan_run(cfg)  # the same checks as python -m train, before describing or compiling anything
-        if args.describe:
-            print(compact_json(describe(cfg, plan.phases, args.config)))
-            return
         if cfg.train.backend != "ipu":
-            raise ConfigError(f"train.backend: {cfg.train.backend!r}: --compile-only compiles IPU executables; set "
-                              "train.backend: ipu")
-        compile_only(plan, log=lambda entry: print(json.dumps(entry), flush=True))
+            raise ConfigError(f"train.backend: {cfg.train.backend!r}: --describe and --compile-only plan IPU "
+                              "phases; set train.backend: ipu")
+        if args.describe:  # the recipe's plan: the same checks as python -m train, before describing anything
+            print(compact_json(describe(plan_run(cfg), args.config)))
+            return
+        compile_only(plan_launch(cfg), log=lambda entry: print(json.dumps(entry), flush=True))
 
     return run_guarded(job)
+
+
+def describe(plan: RunPlan, config_path: Optional[str] = None) -> Dict[str, Any]:
+    """One JSON-able document for the phases of ``plan``: geometry, stages, launch and the option calls."""
+    cfg = plan.cfg
+    out: Dict[str, Any] = {"config": cfg.name, "model": cfg.model.name, "backend": cfg.train.backend,
+                           "precision": cfg.precision.compute, "loss_scale": cfg.precision.loss_scale,
+                           "phases": []}
+    ipu_plans: List[IpuPhasePlan] = [phase.ipu for phase in plan.phases if phase.ipu is not None]
+    # Under poprun a phase with another geometry than the first needs its own launch (see launch_command).
+    separate = [ipu.instances > 1 and needs_own_launch(ipu_plans[0], ipu) for ipu in ipu_plans]
+    for index, (phase, ipu) in enumerate(zip(plan.phases, ipu_plans, strict=True)):  # every IPU phase has a plan
+        popdist = ipu.instances > 1
+        entry = ipu.to_json()
+        entry["launch"] = launch_command(ipu, config_path, separate[index], train_only=index == 0 and any(separate))
+        entry["optimizer"] = phase.optimizer.name
+        entry["training_options"] = {"constructor": constructor(ipu, popdist),
+                                     "calls": calls_to_json(training_calls(ipu, popdist=popdist))}
+        entry["validation"] = {
+            "resolutions": list(phase.val_resolutions), "micro_batch_size": ipu.eval_micro_batch_size,
+            "device_iterations": ipu.eval_device_iterations, "samples_per_host_call": ipu.eval_samples_per_call,
+            "options": {"constructor": constructor(ipu, popdist),
+                        "calls": calls_to_json(validation_calls(ipu, popdist=popdist))},
+        }
+        out["phases"].append(entry)
+    return out
 
 
 def compile_only(plan: RunPlan, log: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:

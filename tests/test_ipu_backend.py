@@ -15,14 +15,16 @@ from conftest import TINY_MODEL
 from fake_poptorch import PoptorchError, cpu_has_half_convolutions, install
 from ipu_options.apply import apply_calls, build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import PlanError, resolve_phase, training_calls
+from ipu_options.plan import PlanError, training_calls
 from models import build_model
 from train.backends import process_rank
 from train.backends.torch_backend import BackendError
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
+from train.ipu_plan import resolve_phase
 from train.phases import run_phases
+from train.run_plan import plan_launch, plan_run
 from train.task import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +57,12 @@ def tiny(*extra):
 
 
 def make_backend(cfg, phase_index=0):
+    """The backend of one phase, planned as ``python -m train`` plans it (for this process's launch)."""
     from train.backends import make_backend as backend_for
 
+    phase = plan_launch(cfg).phases[phase_index]
     torch.manual_seed(0)
-    return backend_for(cfg, run_phases(cfg)[phase_index], build_model(cfg.model))
+    return backend_for(cfg, phase, build_model(cfg.model))
 
 
 # ---------------------------------------------------------------------------------- builders on Options
@@ -334,15 +338,34 @@ def test_pod_instance_partitions_data_broadcasts_and_reduces(monkeypatch):
 
 def test_pod_launch_must_match_the_recipe(monkeypatch):
     install(monkeypatch, popdist=dict(POD, total_replicas=4))
-    with pytest.raises(BackendError, match="asks for 2 replicas but poprun launched 4"):
-        make_backend(tiny("ipu.replicas=2", "ipu.instances=2"))
+    with pytest.raises(PlanError, match="ipu.replicas: phase 'train' asks for 2 replicas but poprun launched 4"):
+        plan_launch(tiny("ipu.replicas=2", "ipu.instances=2"))
     install(monkeypatch, popdist=dict(POD, ipus_per_replica=1))
-    with pytest.raises(BackendError, match="--ipus-per-replica 1"):
-        make_backend(tiny("ipu.replicas=2", "ipu.instances=2"))
+    with pytest.raises(PlanError, match="--ipus-per-replica 1"):
+        plan_launch(tiny("ipu.replicas=2", "ipu.instances=2"))
     install(monkeypatch, popdist=dict(POD, instance=0, total_replicas=6))  # 3 replicas x 2 IPUs per instance
     with pytest.warns(UserWarning, match="poprun launched 2 instances"):
         with pytest.raises(PlanError, match=r"\(poprun launched 2\) puts 3 replica\(s\) x 2 IPU\(s\) = 6 IPUs"):
             make_backend(tiny("ipu.replicas=6", "ipu.instances=3"))
+
+
+def test_a_fine_tune_phase_that_needs_its_own_launch_stops_the_run_before_the_first_step(monkeypatch, tmp_path):
+    """Every phase is fitted to the poprun launch in the validation pass: a fine-tune phase with other replicas
+    stops ``python -m train`` before the training phase runs, naming its key and how to launch it."""
+    install(monkeypatch, popdist=POD)
+    cfg = tiny("ipu.replicas=2", "ipu.instances=2", "finetune.enabled=true", "finetune.resolution=16",
+               "ipu.finetune={replicas: 4}")
+    assert plan_run(cfg).phases[1].ipu.replicas == 4  # the recipe itself is valid (--print-config, --describe)
+    with pytest.raises(PlanError, match=r"ipu.finetune.replicas: phase 'finetune' asks for 4 replicas but poprun "
+                                        r"launched 2 .* runs as its own launch \(train first with --set "
+                                        r"finetune.enabled=false\)"):
+        plan_launch(cfg)
+    args = ["--set", f"logging.run_dir={tmp_path}"]
+    for item in TINY + ["ipu.replicas=2", "ipu.instances=2", "finetune.enabled=true", "finetune.resolution=16",
+                        "ipu.finetune={replicas: 4}"]:
+        args += ["--set", item]
+    assert train_main(args) == 2
+    assert not list(tmp_path.iterdir())  # stopped before the run folder, let alone a step
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -440,6 +463,4 @@ def test_gradient_clipping_reaches_poptorch_as_max_grad_norm(fake):
     assert backend.optimizer.max_grad_norm == 0.5
     backend.close()
     with pytest.raises(ConfigError, match="optimizer.clip_grad_norm: 1.0 with optimizer.name: 'rmsprop_tf' on IPUs"):
-        from train.run_plan import plan_run
-
         plan_run(tiny("optimizer.clip_grad_norm=1.0"))

@@ -27,7 +27,7 @@ from .config import Config, ConfigError, load_config, to_yaml
 from .config_docs import key_docs, render_markdown, render_text
 from .errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, StorageError
 from .resume import check_resume
-from .run_plan import RunPlan, check_data, launch_world_size, plan_run
+from .run_plan import RunPlan, check_data, launch_world_size, plan_launch, plan_run
 from .trainer import Trainer, checkpoint_run_dir, list_run_dirs, resume_state
 
 #: Exceptions that are the user's to fix: one line on stderr, exit code 2, no traceback.
@@ -152,7 +152,7 @@ def train(config: Optional[str], overrides: List[str], resume: Optional[str], fo
         # The run continues with its saved config; --config replaces it, --set still applies on top.
         cfg = load_config(config, overrides, base=state["config"])
         run_dir = checkpoint_run_dir(path)
-    plan = plan_run(cfg, only_finetune=state is not None and state.get("phases") == ["finetune"])
+    plan = plan_launch(cfg, only_finetune=state is not None and state.get("phases") == ["finetune"])
     world_size = launch_world_size()
     if state is not None:
         check_resume(state, cfg, world_size, force, note=lambda m: print(m, file=sys.stderr))

@@ -36,7 +36,7 @@ from torch import nn
 from data import DataConfig, build_dataset, build_transform
 from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import IpuPhasePlan, resolve_phase
+from ipu_options.plan import IpuPhasePlan
 from models import EfficientNet
 from models.inference import EvalPreprocessing, ExportError, ImageClassifier, inference_form, save_exported
 
@@ -45,6 +45,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .cli import run_guarded
 from .config import Config, ConfigError, load_config
 from .errors import StorageError
+from .ipu_plan import resolve_phase
 from .phases import Phase, run_phases
 from .task import MEAN, STD
 

@@ -15,7 +15,7 @@ from typing import List, Optional
 from .checkpoint import load_checkpoint
 from .cli import init_distributed, run_guarded
 from .config import load_config
-from .run_plan import check_data, launch_world_size, plan_run
+from .run_plan import check_data, launch_world_size, plan_launch
 from .trainer import Trainer, start_weights
 
 
@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def finetune(checkpoint: Path, config: Optional[str], overrides: List[str]) -> None:
     state = load_checkpoint(checkpoint)
     cfg = load_config(config, overrides, base=state["config"])
-    plan = plan_run(cfg, only_finetune=True)
+    plan = plan_launch(cfg, only_finetune=True)
     datasets = check_data(plan, launch_world_size())
     init_distributed()
     Trainer(plan, datasets, start_from=start_weights(state), start_from_path=checkpoint).run()

@@ -1,9 +1,10 @@
 """A run is a list of phases: the main training phase and, optionally, the fine-tune phase.
 
 Each phase carries everything that may differ between them (resolution, batch geometry, preprocessing,
-optimizer, schedule, regularisation, frozen layers), so one loop runs both. The paper's recipe: train at about
-half the pixels, average the weights, then fine-tune the last layers briefly at the test resolution with
-test-style preprocessing (docs/paper.md, "Reduced-resolution training" and "Fine-tuning at the test resolution").
+optimizer, schedule, regularisation, frozen layers and, on IPUs, its IPU plan), so one loop runs both. The paper's
+recipe: train at about half the pixels, average the weights, then fine-tune the last layers briefly at the test
+resolution with test-style preprocessing (docs/paper.md, "Reduced-resolution training" and "Fine-tuning at the
+test resolution").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
+from ipu_options.plan import IpuPhasePlan
 from models import native_resolution, train_resolution
 
 from .config import Config, ConfigError, OptimizerConfig, ProgressiveConfig, ScheduleConfig, merged
@@ -64,6 +66,7 @@ class Phase:
     weight_avg_decay: Optional[float] = None
     ema_decay: Optional[float] = None
     val_resolutions: List[int] = field(default_factory=list)
+    ipu: Optional[IpuPhasePlan] = None  # train.backend: ipu: the validated IPU plan (train/ipu_plan.py)
 
     @property
     def resolution(self) -> int:

@@ -2,10 +2,11 @@
 
 :func:`plan_run` needs no files and no devices: it builds every phase of the run (resolution, batch geometry,
 optimizer, frozen layers), checks each phase's ``first_trainable`` against the model's split points, and checks
-the backend's settings — the torch backend's precision and device, or the PopTorch plan of every phase on IPUs.
-:func:`check_data` then opens both splits, checks that every phase's host call fits the training set, and decodes
-the first batch of each split, so a wrong path, an empty folder or an unreadable data set stops the run before any
-work, with one line naming the key or file.
+the backend's settings — the torch backend's precision and device, or every phase's IPU plan
+(:mod:`train.ipu_plan`). :func:`plan_launch` adds what depends on how this process was started (poprun's
+geometry on IPUs). :func:`check_data` then opens both splits, checks that every phase's host call fits the
+training set, and decodes the first batch of each split, so a wrong path, an empty folder or an unreadable data
+set stops the run before any work, with one line naming the key or file.
 
 Shared by ``python -m train`` (and its ``--print-config``), ``python -m train.finetune`` and
 ``python -m ipu_options``: one place for the checks that span sections.
@@ -13,36 +14,32 @@ Shared by ``python -m train`` (and its ``--print-config``), ``python -m train.fi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import List, Tuple
 
 from data import ImageDataset, SampleKey, build_dataset, build_transform
-from ipu_options.plan import IpuPhasePlan, resolve_phase
 from models.splits import split_point_names
 
 from .backends.torch_backend import check_torch_settings
 from .config import Config, ConfigError
+from .ipu_plan import launch_phases, plan_phases
 from .phases import Phase, finetune_phase, run_phases
-
-#: PopTorch's optimizers with a ``max_grad_norm`` (its RMSprop has none; docs/ipu.md).
-IPU_CLIPPING_OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated config and the phases it runs, with each phase's IPU plan on ``train.backend: ipu``."""
+    """A validated config and the phases it runs (on ``train.backend: ipu`` each with its IPU plan)."""
 
     cfg: Config
     phases: Tuple[Phase, ...]
-    ipu: Tuple[IpuPhasePlan, ...] = ()
 
     def samples_per_call(self, index: int, world_size: int) -> int:
         """Training samples one host call takes over the whole job in phase ``index``."""
-        if self.ipu:
-            plan = self.ipu[index]
-            return plan.samples_per_call * plan.instances  # micro x device iterations x accumulation x replicas
         phase = self.phases[index]
+        if phase.ipu is not None:  # micro x device iterations x accumulation x replicas
+            return phase.ipu.samples_per_call * phase.ipu.instances
         return phase.micro_batch_size * phase.gradient_accumulation * world_size
 
 
@@ -52,8 +49,8 @@ def _phase_key(phase: Phase, key: str) -> str:
 
 
 def plan_run(cfg: Config, only_finetune: bool = False) -> RunPlan:
-    """The run's phases, with every check that needs neither data nor devices; raises ConfigError, BackendError
-    or (IPU settings) PlanError."""
+    """The run's phases as the recipe describes them, with every check that needs neither data nor devices;
+    raises ConfigError, BackendError or (IPU settings) PlanError."""
     phases = (finetune_phase(cfg),) if only_finetune else tuple(run_phases(cfg))
     names = split_point_names(cfg.model)
     for phase in phases:
@@ -63,17 +60,16 @@ def plan_run(cfg: Config, only_finetune: bool = False) -> RunPlan:
     if cfg.train.backend == "torch":
         check_torch_settings(cfg.train.device, cfg.precision.compute)
         return RunPlan(cfg, phases)
-    if cfg.train.nonfinite == "skip":
-        raise ConfigError("train.nonfinite: 'skip' needs train.backend: torch; on IPUs the update happens on the "
-                          "device before the host sees the loss, so a step cannot be dropped (use 'stop')")
-    for phase in phases:
-        clip, name = phase.optimizer.clip_grad_norm, phase.optimizer.name
-        if clip is not None and name not in IPU_CLIPPING_OPTIMIZERS:
-            key = "finetune.optimizer.name" if phase.name == "finetune" else "optimizer.name"
-            raise ConfigError(f"optimizer.clip_grad_norm: {clip} with {key}: {name!r} on IPUs: PopTorch's "
-                              f"{name} has no max_grad_norm; use one of {', '.join(IPU_CLIPPING_OPTIMIZERS)} or "
-                              "turn clipping off")
-    return RunPlan(cfg, phases, tuple(resolve_phase(cfg, phase) for phase in phases))
+    return RunPlan(cfg, plan_phases(cfg, phases))
+
+
+def plan_launch(cfg: Config, only_finetune: bool = False) -> RunPlan:
+    """:func:`plan_run` for a run that starts here: on IPUs every phase's plan fitted to this process's launch
+    (:func:`train.ipu_plan.launch_phases`), so a launch that does not match the recipe stops before any step."""
+    plan = plan_run(cfg, only_finetune)
+    if cfg.train.backend != "ipu":
+        return plan
+    return dataclasses.replace(plan, phases=launch_phases(plan.phases))
 
 
 def launch_world_size() -> int:
@@ -90,7 +86,7 @@ def check_data(plan: RunPlan, world_size: int) -> Tuple[ImageDataset, ImageDatas
     for index, phase in enumerate(plan.phases):
         needed = plan.samples_per_call(index, world_size)
         if needed > len(train_set):
-            what = ("micro x device iterations x accumulation x replicas" if plan.ipu else
+            what = ("micro x device iterations x accumulation x replicas" if phase.ipu is not None else
                     f"{_phase_key(phase, 'micro_batch_size')} {phase.micro_batch_size} x "
                     f"{_phase_key(phase, 'gradient_accumulation')} {phase.gradient_accumulation} x "
                     f"{world_size} process(es)")

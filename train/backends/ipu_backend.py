@@ -2,7 +2,8 @@
 
 What one phase does (see ``docs/ipu.md`` for the launch side):
 
-- The config is resolved and validated by :func:`ipu_options.plan.resolve_phase` before anything compiles.
+- Each phase arrives with its IPU plan (``Phase.ipu``), resolved and checked against the config and the poprun
+  launch before the first step (:mod:`train.ipu_plan`); the backend checks nothing again.
 - The backend works on its own copy of the task (:func:`copy.deepcopy`): precision changes (half weights for
   16.16, half compute for 16.32), ``poptorch.BeginBlock`` pipeline annotations, recomputation checkpoints and
   PopTorch's wrapping stay off the trainer's host model, which keeps fp32 weights that checkpoints, weight
@@ -45,7 +46,7 @@ from data.loader import seed_worker
 from ipu_options import distributed
 from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
-from ipu_options.plan import IpuPhasePlan, check_ipus_per_process, phase_settings, resolve_phase
+from ipu_options.plan import IpuPhasePlan
 
 from ..config import Config
 from ..optim import hyperparameters
@@ -155,24 +156,14 @@ class IPUBackend(Backend):
                  offline: bool = False) -> None:
         self.poptorch = import_poptorch()
         self.cfg, self.phase, self.offline = cfg, phase, offline
-        plan = resolve_phase(cfg, phase)
-        configured = plan.instances
+        plan = phase.ipu
+        assert plan is not None, "phases come from train.run_plan.plan_launch, which checks their IPU plans"
         self.popdist = distributed.popdist_module()
         if self.popdist is not None:
-            plan = self._check_launch(plan)
             self.rank = int(self.popdist.getInstanceIndex())
             self.world_size = int(self.popdist.getNumInstances())
             plan = dataclasses.replace(plan, seed=distributed.broadcast_int(plan.seed))
             distributed.broadcast_weights(task.model)
-            why = f" (poprun launched {plan.instances})"
-        elif plan.instances != 1:
-            # Started without poprun: one process drives every replica (a single host holds them all).
-            warnings.warn(f"ipu.instances is {plan.instances} but this process was not started by poprun; running "
-                          f"all {plan.replicas} replicas here (see docs/ipu.md for the poprun launch)", stacklevel=3)
-            plan = dataclasses.replace(plan, instances=1)
-            why = " (this process was not started by poprun, so it drives every replica)"
-        if plan.instances != configured:  # resolve_phase checked the config's split of replicas, not this one
-            check_ipus_per_process(plan, phase_settings(cfg.ipu, phase.name == "finetune")[1], why)
         self.plan: IpuPhasePlan = plan
         self.host_task = task
         self._host = task.model
@@ -200,33 +191,6 @@ class IPUBackend(Backend):
         self._host_version = 0
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _check_launch(self, plan: IpuPhasePlan) -> IpuPhasePlan:
-        """poprun decides replicas, instances and IPUs per replica; they must match the recipe."""
-        pd = self.popdist
-        assert pd is not None
-        total, instances = int(pd.getNumTotalReplicas()), int(pd.getNumInstances())
-        per_replica = int(pd.getNumIpusPerReplica())
-        hint = (f"; replicas and IPUs per replica are fixed by the poprun launch, so a fine-tune phase with its own "
-                f"geometry runs as its own launch: poprun ... --num-replicas {plan.replicas} --ipus-per-replica "
-                f"{plan.ipus_per_replica} python -m train.finetune --checkpoint <run>/checkpoints/train-final.pt"
-                if self.phase.name == "finetune" else "")
-        if total != plan.replicas:
-            raise BackendError(f"{plan.prefix}.replicas: phase {self.phase.name!r} asks for {plan.replicas} replicas "
-                               f"but poprun launched {total} (--num-replicas); the global batch and learning rate "
-                               f"depend on it, so launch with --num-replicas {plan.replicas} or change the "
-                               f"recipe{hint}")
-        if per_replica != plan.ipus_per_replica:
-            raise BackendError(f"{plan.prefix}.pipeline: phase {self.phase.name!r} pipelines over "
-                               f"{plan.ipus_per_replica} IPUs per replica but poprun was given --ipus-per-replica "
-                               f"{per_replica}{hint}")
-        if int(pd.getNumLocalReplicas()) * instances != total:
-            raise BackendError(f"poprun split {total} replicas unevenly over {instances} instances")
-        if instances != plan.instances:
-            warnings.warn(f"ipu.instances is {plan.instances} but poprun launched {instances} instances; using "
-                          f"poprun's ({total // instances} replicas per instance)", stacklevel=3)
-            plan = dataclasses.replace(plan, instances=instances)
-        return plan
-
     def _ipu_optimizer(self, torch_opt: torch.optim.Optimizer) -> Any:
         """The PopTorch optimizer equivalent to the trainer's, over the IPU copy's parameters: the same
         hyperparameters (:func:`train.optim.hyperparameters`), PopTorch's class, accumulator types and extras."""
@@ -245,7 +209,7 @@ class IPUBackend(Backend):
             kwargs["loss_scaling"] = self.loss_scale  # static; PopTorch unscales before the update
         if cfg.clip_grad_norm is not None:
             # PopTorch's SGD and AdamW clip the global norm on the device; its RMSprop cannot (refused earlier,
-            # train/run_plan.py).
+            # train/ipu_plan.py).
             kwargs["max_grad_norm"] = float(cfg.clip_grad_norm)
         return getattr(self.poptorch.optim, class_name)(groups, **kwargs)
 
