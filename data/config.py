@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 from data.host import default_workers
+from data.layout import infer_dataset
 
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "imagefolder", "tar", "shards", "generated"] = field(
-        default="fashion-mnist",
+    dataset: Literal["auto", "fashion-mnist", "imagefolder", "tar", "shards", "generated"] = field(
+        default="auto",
         metadata={"help": "imagefolder: train/<class>/* + val/ (or test/); tar: such a tree in a .tar/.tar.gz; "
                           "shards: a folder made by python -m data.make_shards (each rank reads its own); "
-                          "generated: random images for throughput work"})
+                          "generated: random images for throughput work; auto = what data.path holds (a tarball, "
+                          "a folder with index.json, Fashion-MNIST's files or train/), Fashion-MNIST without a "
+                          "path; the resolved kind is what the run records"})
     path: Optional[str] = field(
         default=None,
         metadata={"help": f"folder, tarball or shard folder; fashion-mnist defaults to {FASHION_MNIST_PATH}"})
@@ -69,9 +73,17 @@ class DataConfig:
         # number and the saved config.yaml records the one that ran (see docs/data.md).
         if self.workers is None:
             self.workers = default_workers()
+        # ``auto`` becomes the kind data.path holds, for the same reason; validate() names a path it cannot tell.
+        if self.dataset == "auto":
+            self.dataset = infer_dataset(self.path) or "auto"  # type: ignore[assignment]
 
     def validate(self) -> None:
         """Cross-field checks the generic loader cannot do from type hints alone."""
+        if self.dataset == "auto":
+            what = "does not exist" if self.path and not os.path.exists(self.path) else "holds no data set it knows"
+            raise ValueError(f"data.dataset auto: data.path {self.path} {what} (a .tar/.tar.gz/.tgz file, or a "
+                             "folder with train/<class>/ images, index.json shards or Fashion-MNIST's "
+                             "train-images-idx3-ubyte.gz); fix the path or set data.dataset")
         if self.dataset in ("imagefolder", "tar", "shards") and not self.path:
             raise ValueError(f"data.path is required for data.dataset {self.dataset!r}")
         low, high = self.crop_scale

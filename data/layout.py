@@ -1,8 +1,10 @@
-"""The ImageNet folder layout shared by the folder and tar data sets: ``train/<class>/<image>`` and
-``val/<class>/<image>`` (or ``test/`` when there is no ``val/``)."""
+"""What lies where: the ImageNet folder layout shared by the folder and tar data sets (``train/<class>/<image>``
+and ``val/<class>/<image>``, or ``test/`` when there is no ``val/``), the shard folder's index, and how
+``data.dataset: auto`` tells the kinds apart from ``data.path`` alone (docs/data.md)."""
 
 from __future__ import annotations
 
+import os
 from typing import Collection, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,6 +14,29 @@ from data.errors import DataError
 #: torchvision ImageFolder's image suffixes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "test")}
+
+
+#: The file ``python -m data.make_shards`` writes last into a shard folder (data/shards.py).
+INDEX_FILE = "index.json"
+#: A Fashion-MNIST folder as Debian's dataset-fashion-mnist installs it (data/fashion_mnist.py).
+FASHION_MNIST_FILE = "train-images-idx3-ubyte.gz"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def infer_dataset(path: Optional[str]) -> Optional[str]:
+    """The ``data.dataset`` that ``path`` holds, or None when it is none of them: no path is Fashion-MNIST's
+    default place; a ``.tar``/``.tar.gz``/``.tgz`` file a tar; a folder with ``index.json`` shards, with
+    ``train-images-idx3-ubyte.gz`` Fashion-MNIST, with ``train/`` an image folder."""
+    if path is None:
+        return "fashion-mnist"
+    if path.lower().endswith(TAR_SUFFIXES) and os.path.isfile(path):
+        return "tar"
+    for name, kind in ((INDEX_FILE, "shards"), (FASHION_MNIST_FILE, "fashion-mnist")):
+        if os.path.isfile(os.path.join(path, name)):
+            return kind
+    if os.path.isdir(os.path.join(path, "train")):
+        return "imagefolder"
+    return None
 
 
 def is_image(name: str) -> bool:

@@ -25,13 +25,12 @@ import numpy as np
 
 from data.encoded import EncodedImageDataset
 from data.errors import DataError
-from data.layout import is_image
+from data.layout import INDEX_FILE, is_image
 from data.loader import EpochBatchSampler, Order
 from data.seeding import derive_seed
 from data.tar import PositionalReader
 from data.transforms import Preprocessing
 
-INDEX_FILE = "index.json"
 INDEX_FORMAT = "effnet-ipu-shards-1"
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import List
 
@@ -14,7 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_MODEL, needs_fashion
+from data.layout import infer_dataset
 from train.checkpoint import candidates, load_checkpoint, save_checkpoint
+from train.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -188,3 +191,44 @@ def test_resume_auto_orders_by_phase_and_step_not_modification_time(tmp_path):
     os.utime(copied / "checkpoints" / "train-step00000030.pt", (4e9, 4e9))  # the newest file by far
     order = [p.name for p in candidates([copied])]
     assert order == ["finetune-step00000005.pt", "train-final.pt", "train-step00000035.pt", "train-step00000030.pt"]
+
+
+# ------------------------------------------------------------------------------- the first hour: shortcuts, --check
+def test_the_data_kind_is_read_from_the_path(tmp_path):
+    folder = image_folder(tmp_path / "folder", per_class=1)
+    tarball = tmp_path / "set.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder / "train", arcname="train")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text("{}")
+    (tmp_path / "fmnist").mkdir()
+    (tmp_path / "fmnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    assert [infer_dataset(str(p)) for p in (folder, tarball, tmp_path / "shards", tmp_path / "fmnist")] == [
+        "imagefolder", "tar", "shards", "fashion-mnist"]
+    assert infer_dataset(None) == "fashion-mnist" and infer_dataset(str(tmp_path / "shards" / "index.json")) is None
+    assert load_config(None, [f"data.path={tarball}"]).data.dataset == "tar"  # the run records the kind it read
+    assert load_config(None, ["data.dataset=imagefolder", f"data.path={tarball}"]).data.dataset == "imagefolder"
+    with pytest.raises(ConfigError, match=r"data.dataset auto: data.path .*empty holds no data set it knows"):
+        (tmp_path / "empty").mkdir()
+        load_config(None, [f"data.path={tmp_path / 'empty'}"])
+
+
+@pytest.mark.slow
+def test_shortcuts_and_check_run_every_check_and_start_nothing(tmp_path):
+    data, runs = image_folder(tmp_path / "data"), tmp_path / "runs"
+    quick = sets(TINY_MODEL + ["model.num_classes=2", "logging.wandb=disabled", "train.val_batch_size=8"])
+    done = train("--data", str(data), "--epochs", "3", "--batch-size", "8", "--resolution", "16", "--workers", "0",
+                 "--lr", "0.01", "--output", str(runs), "--amp", "--check", *quick)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "phase train: 16 px, 3 epochs, 8 samples per step" in done.stdout
+    assert "check passed: training ImageFolderDataset" in done.stdout and not runs.exists()  # nothing started
+    resolved = train("--data", str(data), "--epochs", "3", "--lr", "0.01", "--amp", "--print-config", *quick)
+    assert "dataset: imagefolder" in resolved.stdout and "lr: 0.01" in resolved.stdout
+    assert "compute: bf16" in resolved.stdout  # --amp on a CPU (the suite runs without a GPU)
+    # --check finds what a run would find before its first step: here an undecodable first training image.
+    (data / "train" / "a" / "00.jpg").write_bytes(b"not a jpeg")
+    assert "00.jpg" in one_error_line(train("--data", str(data), "--check", "--workers", "0", "--batch-size", "8",
+                                            "--resolution", "16", *quick))
+    assert "--epochs and --set train.epochs" in one_error_line(
+        train("--data", str(data), "--epochs", "2", "--check", *quick, "--set", "train.epochs=3"))
+    assert "data.path" in one_error_line(train("--data", str(tmp_path / "nowhere"), "--check", *quick))

@@ -7,11 +7,12 @@ is checked before the process group starts, so a mistake is one line on every pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,58 @@ from .trainer import Trainer, checkpoint_run_dir, list_run_dirs, resume_state
 USER_ERRORS = (ConfigError, PlanError, DataError, CheckpointError, BackendError, StorageError)
 
 
+#: Shortcuts that timm and torchvision users type: flag -> (config key, type, metavar, help). docs/runs.md.
+SHORTCUTS: Dict[str, Tuple[str, Callable[[str], Any], str, str]] = {
+    "--data": ("data.path", str, "PATH", "the data (a folder, a .tar/.tar.gz or a shard folder); data.dataset "
+                                         "becomes auto, which reads the kind from the path"),
+    "--epochs": ("train.epochs", int, "N", "training epochs"),
+    "--batch-size": ("train.micro_batch_size", int, "N", "images per process and step (micro-batch)"),
+    "--lr": ("optimizer.lr", float, "LR", "learning rate at optimizer.reference_batch images (scaled to the "
+                                          "global batch)"),
+    "--output": ("logging.run_dir", str, "DIR", "where run folders go"),
+    "--workers": ("data.workers", int, "N", "data loading processes per process"),
+    "--resolution": ("train.resolution", lambda text: int(text) if text.isdigit() else text, "PX|half",
+                     "training resolution"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def shortcut_overrides(args: argparse.Namespace) -> List[str]:
+    """The ``--set`` items the shortcuts stand for, followed by the user's own ``--set`` items; a key given both
+    ways is a one-line error (which should win is not obvious). ``--amp`` depends on the device, so it is decided
+    from the recipe with the other overrides applied."""
+    given = {key: getattr(args, _dest(flag)) for flag, (key, *_) in SHORTCUTS.items()
+             if getattr(args, _dest(flag)) is not None}
+    items = [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in given.items()]
+    if args.data is not None:
+        items.append("data.dataset=auto")
+    explicit = {item.partition("=")[0].strip() for item in args.overrides}
+    for item in items:
+        key = item.partition("=")[0]
+        if key in explicit:
+            flag = next((f for f, (k, *_) in SHORTCUTS.items() if k == key), "--data")
+            raise ConfigError(f"{flag} and --set {key} both set {key}; keep one")
+    if args.amp:
+        if "precision.compute" in explicit:
+            raise ConfigError("--amp and --set precision.compute both set precision.compute; keep one")
+        cfg = load_config(args.config, items + args.overrides)
+        items.append(f"precision.compute={amp_precision(cfg)}")
+    return items + args.overrides
+
+
+def amp_precision(cfg: Config) -> str:
+    """The 16-bit compute ``--amp`` means on the run's device: IPUs 16.16; a GPU bf16 where it has it, else fp16;
+    a CPU bf16 (its autocast has no fp16)."""
+    if cfg.train.backend == "ipu":
+        return "16.16"
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train", description="Train EfficientNet on CPU, GPU or IPU.",
@@ -47,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "(markdown: the table of docs/config.md)")
     parser.add_argument("--print-config", action="store_true",
                         help="check the recipe, print it fully resolved (and what it resolves to) and exit")
+    shortcuts = parser.add_argument_group(
+        "shortcuts", "each sets one config key, as --set would (a key set both ways is an error)")
+    for flag, (key, kind, meta, help_text) in SHORTCUTS.items():
+        shortcuts.add_argument(flag, dest=_dest(flag), type=kind, metavar=meta, help=f"{key}: {help_text}")
+    shortcuts.add_argument("--amp", action="store_true",
+                           help="precision.compute: bf16 autocast (fp16 on a GPU without bf16; 16.16 on IPUs)")
+    parser.add_argument("--check", action="store_true",
+                        help="run every check made before the first step (config, phases, resume, data: both "
+                             "splits open and their first batch decodes), print the run's plan and exit 0, or "
+                             "the one-line error")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto': the furthest loadable checkpoint of this "
                              "config's newest run (corrupt ones are skipped)")
@@ -104,9 +167,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         docs = key_docs()
         print(render_markdown(docs) if args.help_config == "markdown" else render_text(docs), end="")
         return 0
-    if args.print_config:
-        return run_guarded(lambda: print_config(args.config, args.overrides))
-    return run_guarded(lambda: train(args.config, args.overrides, args.resume, args.resume_force))
+    overrides: List[str] = []
+
+    def job() -> None:
+        overrides[:] = shortcut_overrides(args)
+        if args.print_config:
+            print_config(args.config, overrides)
+        elif args.check:
+            train(args.config, overrides, args.resume, args.resume_force, check_only=True)
+        else:
+            train(args.config, overrides, args.resume, args.resume_force)
+
+    return run_guarded(job)
 
 
 def describe_plan(plan: RunPlan, world_size: int) -> List[str]:
@@ -143,7 +215,9 @@ def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
     return path
 
 
-def train(config: Optional[str], overrides: List[str], resume: Optional[str], force: bool = False) -> None:
+def train(config: Optional[str], overrides: List[str], resume: Optional[str], force: bool = False,
+          check_only: bool = False) -> None:
+    """Run (or resume) the recipe; ``check_only``: everything up to the first step, then print the plan."""
     cfg = load_config(config, overrides)
     state, run_dir = None, None
     path = _resume_path(resume, cfg) if resume else None
@@ -157,6 +231,12 @@ def train(config: Optional[str], overrides: List[str], resume: Optional[str], fo
     if state is not None:
         check_resume(state, cfg, world_size, force, note=lambda m: print(m, file=sys.stderr))
     datasets = check_data(plan, world_size)
+    if check_only:
+        for line in describe_plan(plan, world_size):
+            print(line)
+        print(f"check passed: training {datasets[0]}, validation {datasets[1]}"
+              + (f", resuming from {path}" if path is not None else ""))
+        return
     init_distributed()
     if state is not None:
         print(f"resuming from {path}", file=sys.stderr)
