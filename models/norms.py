@@ -45,12 +45,12 @@ def resolve_norm_impl(setting: NormImpl, kind: NormKind, target: str = "cpu", co
     """
     if target == "ipu" and setting in ("function", "triton"):
         raise NormImplError(f"model.norm_impl: {setting} cannot run on the IPU (PopART differentiates the traced "
-                         "modules itself); use auto or modules")
+                            "modules itself); use auto or modules")
     if setting == "triton":
         reason = device_error(target)
         if reason is not None:
             raise NormImplError(f"model.norm_impl: triton, but the fused Triton norm kernels cannot run: {reason}; "
-                               "use model.norm_impl: auto, modules or function")
+                                "use model.norm_impl: auto, modules or function")
         return "triton"
     if kind == "batch":
         return "modules"

@@ -211,9 +211,9 @@ def test_a_checkpoint_or_export_with_the_old_norm_keys_loads_resumes_and_exports
                              EvalPreprocessing(32, 0.875, "bilinear", (0.0,) * 3, (1.0,) * 3), {})
     with safe_open(str(exported), framework="pt") as f:
         meta = f.metadata()
-    meta["model"] = json.dumps(stored["model"])  # as an earlier version wrote it
+    meta["model"] = json.dumps({**stored["model"], "fused_norm": "auto"})  # as an earlier export wrote it
     save_file(load_file(str(exported)), str(tmp_path / "old.safetensors"), metadata=meta)
-    assert load_exported(tmp_path / "old.safetensors", form="training").config.norm_impl == impl
+    assert load_exported(tmp_path / "old.safetensors", form="training").config.norm_impl == old["norm_autograd"]
 
 
 def test_resume_auto_orders_by_phase_and_step_not_modification_time(tmp_path):
