@@ -18,6 +18,7 @@ from ipu_options.pipeline import FloatGroupNorm, annotate_pipeline, prepare_prec
 from ipu_options.plan import PlanError, resolve_phase, training_calls
 from models import build_model
 from train.backends import build_network, process_rank
+from train.backends import make_backend as backend_for
 from train.backends.torch_backend import BackendError
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
@@ -55,8 +56,6 @@ def tiny(*extra):
 
 
 def make_backend(cfg, phase_index=0):
-    from train.backends import make_backend as backend_for
-
     torch.manual_seed(0)
     return backend_for(cfg, run_phases(cfg)[phase_index], build_network(cfg))
 
@@ -201,8 +200,6 @@ def test_the_ipu_backend_refuses_a_model_built_for_another_device(fake):
     cfg = tiny()
     with pytest.raises(BackendError, match="the IPU runs the norm units as plain modules, but this model's are "
                                            "function"):
-        from train.backends import make_backend as backend_for
-
         backend_for(cfg, run_phases(cfg)[0], build_model(cfg.model, "cpu"))
 
 
