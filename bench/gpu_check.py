@@ -158,12 +158,12 @@ def part_argv(part: str, args: argparse.Namespace) -> List[str]:
     res = ",".join(str(r) for r in args.resolutions)
     top = str(max(args.resolutions))
     if part == "eager":
-        return common + ["--models", ",".join(args.models), "--resolutions", res, "--norm-autograd",
+        return common + ["--models", ",".join(args.models), "--resolutions", res, "--norm-impl",
                          "modules,function", "--compare-timm", "--timm-resolution", top]
     if part == "triton":
         models = [m for m in args.models if "-bn" not in m]
-        return common + ["--models", ",".join(models), "--resolutions", res, "--norm-autograd", "modules",
-                         "--fused-norm", "on,off", "--compare-timm", "--timm-resolution", top]
+        return common + ["--models", ",".join(models), "--resolutions", res, "--norm-impl", "triton,modules",
+                         "--compare-timm", "--timm-resolution", top]
     mode, _, rest = part.partition("@")
     resolution, _, model = rest.partition(":")
     if mode not in COMPILE_MODES or not resolution.isdigit() or not model:
@@ -299,15 +299,13 @@ def profile_path(name: str, path: Dict[str, Any], args: argparse.Namespace) -> L
     began = time.perf_counter()
     device = torch.device(args.device)
     cfg = throughput.load_preset(args.model)
-    if path["norm_autograd"]:
-        cfg = replace(cfg, norm_autograd=path["norm_autograd"])
-    if path["fused_norm"]:
-        cfg = replace(cfg, fused_norm=path["fused_norm"])
+    if path["norm_impl"]:
+        cfg = replace(cfg, norm_impl=path["norm_impl"])
     compile_mode = path["compile"]
     settings = throughput.Settings(device, args.precision, args.batch_size, args.channels_last, bool(compile_mode),
                                    compile_mode or "default", "rmsprop", args.steps, args.warmup, 1)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, device.type, bool(compile_mode))
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     step = throughput.training_step(model, args.resolution, in_channels, settings)
     for _ in range(max(1, args.warmup)):
@@ -326,7 +324,7 @@ def profile_path(name: str, path: Dict[str, Any], args: argparse.Namespace) -> L
     lines: List[Dict[str, Any]] = [{
         "what": "profile_total", "path": name, "model": args.model, "resolution": args.resolution,
         "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
-        "norm_autograd": cfg.norm_autograd, "fused_norm": cfg.fused_norm, "compile": compile_mode or False,
+        "norm_impl": cfg.norm_impl, "norm_units": model.norm_impl, "compile": compile_mode or False,
         "device": throughput.device_name(device), "time_kind": "cuda_kernels" if on_gpu else "cpu_ops",
         "steps": args.steps, "step_ms": round(wall * 1e3, 2), "self_ms_per_step": round(total / 1e3 / args.steps, 3),
         "distinct": len(events), "seconds": round(time.perf_counter() - began, 1), "torch": torch.__version__}]
@@ -343,14 +341,14 @@ def profile_path(name: str, path: Dict[str, Any], args: argparse.Namespace) -> L
 
 
 def profile_main(args: argparse.Namespace) -> int:
-    eager = {"norm_autograd": None, "fused_norm": None, "compile": False}  # the preset as it is: today's default
+    eager = {"norm_impl": None, "compile": False}  # the preset as it is: today's default
     paths: List[Tuple[str, Dict[str, Any]]] = [("eager", eager)]
     fastest = fastest_line(args.fastest_from, args.model, args.resolution) if args.fastest_from else None
     if fastest is None:
         _emit({"what": "profile_skipped", "path": "fastest", "reason":
                f"no {args.model} line at {args.resolution} px in {args.fastest_from or '(no --fastest-from)'}"})
     else:
-        path = {k: fastest.get(k) for k in ("norm_autograd", "fused_norm", "compile")}
+        path = {k: fastest.get(k) for k in ("norm_impl", "compile")}
         path["compile"] = path["compile"] or False
         if path["compile"] is True:  # bench.throughput writes the mode; keep older lines working
             path["compile"] = "default"

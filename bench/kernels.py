@@ -3,8 +3,8 @@
 For each activation shape it times, on CUDA, forward + backward of one norm unit (default: layer norm + proxy-
 normalised swish, the B0-G16-LN+PN unit) three ways, in the same process:
 
-- ``fused``: the Triton kernels of ``models/fused_norm.py`` (``fused_norm: on``);
-- ``pytorch``: the same module with ``fused_norm: off`` (GroupNorm + PN in PyTorch, as on CPU/IPU);
+- ``fused``: the Triton kernels of ``models/fused_norm.py`` (``norm_impl: triton``);
+- ``pytorch``: the same unit with ``norm_impl: modules`` (GroupNorm + PN in PyTorch, as on the IPU);
 - ``batchnorm``: ``BatchNorm2d + SiLU`` (``BatchNorm2d`` alone for ``scale``), the BN baseline's unit.
 
 and measures the GPU's copy bandwidth with a large ``Tensor.copy_`` (read + write). One JSON line per
@@ -33,14 +33,14 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from models import ModelConfig, build_model
 from models import fused_norm as fn
-from models.norms import NormAct, NormSpec, ScaleOnlyNorm
+from models.norms import NormAct, NormSpec, ScaleOnlyNorm, UnitImpl, norm_act, projection_norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("full", "deferred_scale", "center_only", "silu", "scale")
@@ -59,7 +59,7 @@ def model_units(name: str, resolution: int, group_dim: int = 16, expand_ratio: O
                 norm: str = "layer") -> List[Dict]:
     """Every norm unit of a proxy-normed model at ``resolution``: kind, (C, H, W) and how many share them."""
     model = build_model(ModelConfig(name=name, norm=norm, proxy_norm=True, group_dim=group_dim,
-                                    expand_ratio=expand_ratio, fused_norm="off")).eval()
+                                    expand_ratio=expand_ratio, norm_impl="modules")).eval()
     counts: Dict[tuple, int] = {}
 
     def record(kind: str, x: torch.Tensor) -> None:
@@ -120,14 +120,11 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def build_unit(kind: str, norm: str, groups: int, channels: int, mode: str) -> nn.Module:
-
-    spec = NormSpec(kind=norm, num_groups=groups, proxy_norm=kind != "silu", fused_norm=mode)
+def build_unit(kind: str, norm: str, groups: int, channels: int, impl: UnitImpl) -> nn.Module:
+    spec = NormSpec(kind=norm, num_groups=groups, proxy_norm=kind != "silu", impl=impl)
     if kind == "scale":
-        return ScaleOnlyNorm(spec, channels)
-    if kind == "silu":
-        return NormAct(spec, channels)
-    return NormAct(spec, channels, proxy_mode=kind)
+        return projection_norm(spec, channels)  # proxy-normed: the scale-only norm
+    return norm_act(spec, channels) if kind == "silu" else norm_act(spec, channels, proxy_mode=kind)
 
 
 def unit_step(unit: nn.Module, x: torch.Tensor, grad: torch.Tensor, deferred: bool) -> Callable[[], None]:
@@ -187,7 +184,8 @@ def bench_shape(shape: Sequence[int], args: argparse.Namespace, copy_gbs: float,
             "bytes_act": T}
     lines = []
     ref_ms = None
-    paths = [("pytorch", "off"), ("fused", "on")] + ([("batchnorm", None)] if args.batchnorm else [])
+    paths: List[Tuple[str, Optional[UnitImpl]]] = [("pytorch", "modules"), ("fused", "triton")]
+    paths += [("batchnorm", None)] if args.batchnorm else []
     for label, mode in paths:
         if mode is None:
             # the BN network's unit at this place: BN + swish, or BN alone after a projection

@@ -6,9 +6,9 @@ pipeline's. It prints one JSON line per (model, resolution) with the median imag
 warm-up; CUDA is synchronised after each step), peak memory, the activation memory autograd saves, parameters and
 MACs per image.
 
-``--norm-autograd`` and ``--fused-norm`` run every model on each of the given norm paths (the memory-lean autograd
-Function or the plain modules; the Triton kernels with ``--fused-norm on``, CUDA only); our lines carry the
-``norm_autograd`` and ``fused_norm`` values their model was built with.
+``--norm-impl`` runs every model with each of the given ``model.norm_impl`` values (the plain modules, the
+memory-lean autograd Function, the Triton kernels, CUDA only; ``auto`` as resolved for the device); our lines carry
+the ``norm_impl`` asked for and the ``norm_units`` the model was built with (``auto`` resolved).
 
 Every configuration is built and warmed up first; then ``--repeats`` rounds each run ``--steps`` timed steps of
 every configuration in turn, so a machine shared with other work slows all of them alike. Ratios between two
@@ -42,22 +42,21 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models import ModelConfig, build_model
-from models.fused_norm import FUSED_MODES
+from models.config import NORM_IMPLS, NormImpl
 from models.measure import count_macs
-from models.norm_act import NORM_AUTOGRAD_MODES, NormAutograd
+from models.norms import NormImplError, resolve_norm_impl
 from train.config import ConfigError, load_config
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 TIMM_MODELS = ("efficientnet_b0", "efficientnet_b0_gn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FusedNorm = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -304,14 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", type=_csv, default=["efficientnet-b0-g16-ln-pn", "efficientnet-b0-g1-bn"],
                    help="comma-separated presets from configs/models/ (file names without .yml)")
-    p.add_argument("--norm-autograd", type=_csv, default=None, metavar="MODES",
-                   help="comma-separated model.norm_autograd values (auto, function, modules) to run every model "
-                        "with; labels get a [mode] suffix. Default: each preset's own")
-    p.add_argument("--fused-norm", type=_csv, default=None, metavar="MODES",
-                   help="comma-separated model.fused_norm values (auto, on, off) to run every model with, crossed "
-                        "with --norm-autograd; labels get a fused=<mode> suffix (on: the Triton kernels, which take "
-                        "precedence over --norm-autograd, so that part of the label is dropped; group/layer norm "
-                        "presets only). Default: each preset's own")
+    p.add_argument("--norm-impl", type=_csv, default=None, metavar="IMPLS",
+                   help=f"comma-separated model.norm_impl values ({', '.join(NORM_IMPLS)}) to run every model with; "
+                        "labels get an [impl] suffix (triton: group/layer norm presets only, CUDA). Default: each "
+                        "preset's own")
     p.add_argument("--reference", default=None, metavar="LABEL",
                    help="one of our configurations (e.g. efficientnet-b0-g16-gn[function]): every other line gets "
                         "vs_<LABEL> (images/s ratio), mem_vs_<LABEL> and saved_vs_<LABEL> at the same resolution")
@@ -339,28 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def our_configs(presets: Dict[str, ModelConfig], names: Sequence[str], modes: Sequence[Optional[str]],
-                fused_modes: Sequence[Optional[str]]) -> List[Tuple[str, ModelConfig]]:
-    """Every (preset, norm_autograd, fused_norm) combination asked for, as (label, model config), labelled by
-    what was asked: ``name``, ``name[function]``, ``name[modules,fused=off]``, ``name[fused=on]``. The Triton
-    kernels (fused_norm on) take precedence over the norm path, so its mode is left out of their label and the
-    combinations that would repeat one are dropped."""
-    out: List[Tuple[str, ModelConfig]] = []
-    for name in names:
-        for mode in modes:
-            for fused in fused_modes:
-                cfg, parts = presets[name], []
-                if mode:
-                    cfg = replace(cfg, norm_autograd=cast(NormAutograd, mode))
-                    if fused != "on":
-                        parts.append(mode)
-                if fused:
-                    cfg = replace(cfg, fused_norm=cast(FusedNorm, fused))
-                    parts.append(f"fused={fused}")
-                label = f"{name}[{','.join(parts)}]" if parts else name
-                if label not in [seen for seen, _ in out]:
-                    out.append((label, cfg))
-    return out
+def our_configs(presets: Dict[str, ModelConfig], names: Sequence[str],
+                impls: Sequence[Optional[str]]) -> List[Tuple[str, ModelConfig]]:
+    """Every (preset, norm_impl) combination asked for, as (label, model config): ``name`` for the preset's own,
+    ``name[impl]`` for an asked ``model.norm_impl``."""
+    return [(f"{name}[{impl}]" if impl else name,
+             replace(presets[name], norm_impl=cast(NormImpl, impl)) if impl else presets[name])
+            for name in names for impl in impls]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -369,14 +349,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0
             or (args.threads is not None and args.threads < 1)):
         parser.error("--batch-size, --steps, --repeats and --threads must be >= 1, --warmup >= 0")
-    modes: List[Optional[str]] = list(args.norm_autograd or [None])
-    bad = [m for m in modes if m is not None and m not in NORM_AUTOGRAD_MODES]
+    impls: List[Optional[str]] = list(args.norm_impl or [None])
+    bad = [m for m in impls if m is not None and m not in NORM_IMPLS]
     if bad:
-        parser.error(f"--norm-autograd {bad[0]!r} is not one of {', '.join(NORM_AUTOGRAD_MODES)}")
-    fused_modes: List[Optional[str]] = list(args.fused_norm or [None])
-    bad = [m for m in fused_modes if m is not None and m not in FUSED_MODES]
-    if bad:
-        parser.error(f"--fused-norm {bad[0]!r} is not one of {', '.join(FUSED_MODES)}")
+        parser.error(f"--norm-impl {bad[0]!r} is not one of {', '.join(NORM_IMPLS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -396,12 +372,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    if "on" in fused_modes:
+    if "triton" in impls:
         batch = [name for name in args.models if presets[name].norm == "batch"]
         if batch:
-            parser.error(f"--fused-norm on: {batch[0]} uses batch norm; the fused kernels cover group and layer "
+            parser.error(f"--norm-impl triton: {batch[0]} uses batch norm; the fused kernels cover group and layer "
                          "norm only (leave batch-norm presets out of that run)")
-    ours = our_configs(presets, args.models, modes, fused_modes)
+    ours = our_configs(presets, args.models, impls)
+    try:  # every norm_impl checked for the device before any timing
+        units = {label: resolve_norm_impl(cfg.norm_impl, cfg.norm, device.type, args.compile) for label, cfg in ours}
+    except NormImplError as err:
+        parser.error(str(err))
     if args.reference is not None and args.reference not in [label for label, _ in ours]:
         parser.error(f"--reference {args.reference!r} is not one of the configurations: "
                      f"{', '.join(label for label, _ in ours)}")
@@ -418,8 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for label, cfg in ours:
         for res in args.resolutions:
             torch.manual_seed(0)
-            our_runs[f"{label}@{res}"] = prepare(label, build_model(cfg), res, settings)
-            our_runs[f"{label}@{res}"].info.update(norm_autograd=cfg.norm_autograd, fused_norm=cfg.fused_norm)
+            model = build_model(cfg, device.type, args.compile)
+            our_runs[f"{label}@{res}"] = prepare(label, model, res, settings)
+            our_runs[f"{label}@{res}"].info.update(norm_impl=cfg.norm_impl, norm_units=units[label])
     for _ in range(args.repeats):
         for run in list(timm_runs.values()) + list(our_runs.values()):
             run_round(run, settings)

@@ -19,8 +19,7 @@ import json
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from models import build_model
-from train.backends import IPUBackend, make_backend
+from train.backends import IPUBackend, build_network, make_backend
 from train.cli import run_guarded
 from train.config import ConfigError, load_config
 from train.run_plan import RunPlan, plan_launch, plan_run
@@ -109,7 +108,7 @@ def compile_only(plan: RunPlan, log: Callable[[Dict[str, Any]], None]) -> List[D
     """Compile every phase's training and validation models for an offline IPU target (needs PopTorch)."""
     cfg = plan.cfg
     results = []
-    model = build_model(cfg.model)
+    model = build_network(cfg)
     for phase in plan.phases:
         backend = make_backend(cfg, phase, model, offline=True)
         try:

@@ -60,12 +60,31 @@ def _checkpoint_hook(poptorch: ModuleType):
 
 
 # --------------------------------------------------------------------------------------------------- precision
-def _to_float_hook(_module: nn.Module, args):
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+class FloatGroupNorm(nn.GroupNorm):
+    """A GroupNorm (LayerNorm) computed in float inside a half network: input cast up, output cast to half."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).half()
 
 
-def _to_half_hook(_module: nn.Module, _args, output):
-    return output.half()
+class FloatBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm computed in float inside a half network: input cast up, output cast to half."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).half()
+
+
+def _in_float(norm: nn.Module) -> nn.Module:
+    """``norm`` as its float-computing class, holding the same parameter and buffer tensors, in the same mode."""
+    new: nn.Module
+    if isinstance(norm, nn.GroupNorm):
+        new = FloatGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+    else:
+        assert isinstance(norm, nn.BatchNorm2d)
+        new = FloatBatchNorm2d(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+    for name, tensor in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
+        setattr(new, name, tensor)
+    return new.train(norm.training)
 
 
 def _half_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +103,8 @@ def prepare_precision(network: nn.Module, compute: str, norm_precision: str = "f
     - ``fp32``: unchanged.
     - ``16.16``: weights and activations in half (``network.half()``). Norm layers (GroupNorm/LayerNorm) stay
       in float with their input cast up and output cast down when ``norm_precision`` is ``float`` (the PopTorch
-      guide's recipe for fp32 norms in a half model); proxy-norm and scale-only norm parameters always stay
+      guide's recipe for fp32 norms in a half model: each becomes its ``Float*`` class, same state-dict keys);
+      proxy-norm and scale-only norm parameters always stay
       float: their statistics are computed in float and the result is cast to the activation dtype.
     - ``16.32``: float master weights (the optimizer updates fp32), half compute: every conv and linear casts
       its input and weights to half inside the graph, so the PopTorch dispatcher does not upcast the op to float
@@ -113,7 +133,7 @@ def prepare_precision(network: nn.Module, compute: str, norm_precision: str = "f
                 m.forward = _half_conv_forward.__get__(m)  # type: ignore[method-assign]
             elif isinstance(m, nn.Linear):
                 m.forward = _half_linear_forward.__get__(m)  # type: ignore[method-assign]
-        if float_norms and isinstance(m, FLOAT_NORMS):
-            m.register_forward_pre_hook(_to_float_hook)
-            m.register_forward_hook(_to_half_hook)
+    if float_norms:
+        for name in [n for n, m in network.named_modules() if isinstance(m, FLOAT_NORMS)]:
+            _set_submodule(network, name, _in_float(network.get_submodule(name)))
     return torch.float16

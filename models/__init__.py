@@ -10,8 +10,10 @@ from .inference import ExportedModel, ExportError, inference_form, load_exported
 from .norms import NORM_MODULES
 
 
-def build_model(cfg: ModelConfig) -> EfficientNet:
-    return EfficientNet(cfg)
+def build_model(cfg: ModelConfig, target: str = "cpu", compiled: bool = False) -> EfficientNet:
+    """The network of ``cfg`` with its norm units built for ``target`` (a torch device type, or ``ipu``):
+    ``model.norm_impl``'s ``auto`` is resolved here, once; ``norm_impl`` on the result says to what."""
+    return EfficientNet(cfg, target, compiled)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .norms import NormAct, NormSpec, projection_norm
+from .layout import channel_view
+from .norms import NormSpec, norm_act, projection_norm, resolve_norm_impl
 
 BlockType = Literal["mbconv", "fused"]
 
@@ -277,9 +278,9 @@ class MBConv(ResidualBlock):
         self.expands = block.expand_ratio != 1
         if self.expands:
             self.conv_pw = conv(block.in_channels, mid, 1)
-            self.norm1 = NormAct(norm, mid)
+            self.norm1 = norm_act(norm, mid)
         self.conv_dw = conv(mid, mid, block.kernel, block.stride, groups=group_count(mid, group_dim))
-        self.norm2 = NormAct(norm, mid, proxy_mode="deferred_scale")
+        self.norm2 = norm_act(norm, mid, proxy_mode="deferred_scale")
         self.se = SqueezeExcite(mid, max(1, int(block.in_channels * block.se_ratio)))
         self.conv_pwl = conv(mid, block.out_channels, 1)
         self.norm3 = projection_norm(norm, block.out_channels)
@@ -289,7 +290,7 @@ class MBConv(ResidualBlock):
         out, scale = self.norm2.forward_deferred(self.conv_dw(out))
         gate = self.se(out)
         if scale is not None:
-            gate = gate * scale.to(gate.dtype).view(1, -1, 1, 1)
+            gate = gate * channel_view(scale.to(gate.dtype))
         return self.add_residual(x, self.norm3(self.conv_pwl(out * gate)))
 
 
@@ -307,7 +308,7 @@ class FusedMBConv(ResidualBlock):
         self.projects = block.expand_ratio != 1
         fused_out = block.mid_channels if self.projects else block.out_channels
         self.conv_fused = conv(block.in_channels, fused_out, block.kernel, block.stride)
-        self.norm1 = NormAct(norm, fused_out)
+        self.norm1 = norm_act(norm, fused_out)
         if self.projects:
             self.conv_pwl = conv(fused_out, block.out_channels, 1)
             self.norm3 = projection_norm(norm, block.out_channels)
@@ -336,26 +337,30 @@ def drop_path(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Te
 
 
 class EfficientNet(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The network of ``cfg``, its norm units built for ``target`` (a torch device type, or ``ipu``):
+    ``model.norm_impl``'s ``auto`` is resolved here, once, and :attr:`norm_impl` says to what; ``compiled``:
+    torch.compile will trace it."""
+
+    def __init__(self, cfg: ModelConfig, target: str = "cpu", compiled: bool = False):
         super().__init__()
         cfg.validate()
         preset = PRESETS[cfg.name]
         width, _ = width_and_depth(cfg)
-        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, fused_norm=cfg.fused_norm,
-                        norm_autograd=cfg.norm_autograd)
+        self.norm_impl = resolve_norm_impl(cfg.norm_impl, cfg.norm, target, compiled)
+        norm = NormSpec(cfg.norm, cfg.num_groups, cfg.norm_eps, cfg.proxy_norm, impl=self.norm_impl)
         plan = block_plan(cfg)
         stem_ch = preset.arch.channels(preset.arch.stem_channels, width)
         head_ch = preset.arch.channels(preset.arch.head_channels, width)
         self.stem = nn.Sequential()
         self.stem.add_module("conv", conv(cfg.in_channels, stem_ch, 3, 2))
-        self.stem.add_module("norm", NormAct(norm, stem_ch))
+        self.stem.add_module("norm", norm_act(norm, stem_ch))
         self.blocks = nn.Sequential(*[
             nn.Sequential(*[make_block(b, norm, cfg.group_dim) for b in stage]) for stage in plan
         ])
         self.head = nn.Sequential()
         self.head.add_module("conv", conv(plan[-1][-1].out_channels, head_ch, 1))
         # Global pooling and the classifier follow the head, so its proxy norm only needs to centre.
-        self.head.add_module("norm", NormAct(norm, head_ch, proxy_mode="center_only"))
+        self.head.add_module("norm", norm_act(norm, head_ch, proxy_mode="center_only"))
         self.dropout = nn.Dropout(cfg.dropout if cfg.dropout is not None else preset.dropout)
         self.classifier = nn.Linear(head_ch, cfg.num_classes)
         init_weights(self)

@@ -10,9 +10,9 @@ one group) — what :class:`models.norms.NormAct` and :class:`models.norms.Scale
 
 The proxy statistics ``m, s`` stay in PyTorch (:meth:`ProxyNormActivation.proxy_stats`: C x 200 elements); the
 kernels take them as inputs and return their gradients, and autograd carries those on into gamma, beta, beta~ and
-gamma~. So both paths share one set of parameters and state-dict keys, and the fused path is chosen per forward
-call (:func:`use_fused`): only with ``on``. ``auto`` (the default) keeps the PyTorch modules everywhere until the
-kernels have passed their tests on a real GPU and won there: so far they have run only in Triton's interpreter.
+gamma~. So every implementation shares one set of parameters and state-dict keys. The kernels run only where a model
+was built with ``model.norm_impl: triton`` (:class:`models.norms.TritonNormAct`); ``auto`` never picks them until
+they have passed their tests on a real GPU and won there: so far they have run only in Triton's interpreter.
 
 Kernels (x viewed as (B, C, HW) with strides; NCHW and NHWC/channels_last alike, any float dtype, fp32 maths):
 
@@ -40,11 +40,11 @@ Backward formulas (g = dL/dout; sums over (b, h, w) for the per-channel ones)::
     dx       = rstd * (dy - mean_g(dy) - y * mean_g(dy * y))     (means over the sample's group)
 
 Triton is imported here, guarded: without it (Poplar SDK env, CPU-only installs) this module still imports and
-:func:`use_fused` explains why it cannot run (``on``). ``TRITON_INTERPRET=1`` (set before
+:func:`triton_error` says why the kernels cannot run. ``TRITON_INTERPRET=1`` (set before
 Triton is imported) runs the kernels in Triton's CPU interpreter, on CPU tensors: that is how the tests check them
-without a GPU; ``fused_norm: on`` accepts CPU tensors then, ``auto`` never does.
+without a GPU; ``norm_impl: triton`` accepts CPU tensors then.
 
-torch.compile: ``on`` runs each fused unit eagerly behind a graph break. Registering the kernels as
+torch.compile: ``triton`` runs each fused unit eagerly behind a graph break. Registering the kernels as
 ``torch.library`` custom ops (compile + CUDA graphs without breaks) is left for later.
 """
 
@@ -52,15 +52,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal, Optional, Tuple, overload
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layout import dense
 from .proxy_norm import ProxyNormActivation
 
-FUSED_MODES = ("auto", "on", "off")
 MIN_TRITON = (3, 0)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,7 +99,7 @@ def interpreter_enabled() -> bool:
 
 
 def unavailable_reason(x: torch.Tensor) -> Optional[str]:
-    """``None`` when the fused kernels can run on ``x``, else why not (for the ``fused_norm: on`` error)."""
+    """``None`` when the fused kernels can run on ``x``, else why not."""
     if _TRITON_ERROR is not None:
         return _TRITON_ERROR
     if x.dim() != 4:
@@ -112,29 +112,21 @@ def unavailable_reason(x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def use_fused(mode: str, norm: nn.Module, x: torch.Tensor) -> bool:
-    """Per forward call: run the fused kernels (True) or the plain PyTorch modules (False).
+def device_error(device: str) -> Optional[str]:
+    """Why a model built for ``device`` (cpu, cuda, ipu) cannot run the kernels, or ``None``."""
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    if device != "cuda" and not (device == "cpu" and interpreter_enabled()):
+        return (f"the model is built for {device}, not a CUDA device (the kernels are Triton GPU kernels; "
+                "TRITON_INTERPRET=1 runs them in Triton's CPU interpreter, for tests only)")
+    return None
 
-    ``off`` and ``auto``: never. The kernels have so far run only in Triton's interpreter, never on a GPU, and a
-    default must be a path that has run on its hardware, so ``auto`` keeps the PyTorch modules until the GPU tests
-    have passed on a real GPU and the kernels have won there (docs/performance.md). ``on``: a CUDA tensor (or a CPU
-    one under Triton's interpreter), Triton importable, a GroupNorm/LayerNorm-as-GroupNorm and a supported dtype,
-    else it raises; under torch.compile each fused unit runs eagerly behind a graph break.
-    """
-    if mode not in FUSED_MODES:
-        raise ValueError(f"model.fused_norm: {mode!r} is not one of {', '.join(FUSED_MODES)}")
-    if not isinstance(norm, nn.GroupNorm):
-        if mode == "on":
-            raise RuntimeError(f"model.fused_norm: on, but this norm is {type(norm).__name__}; the fused kernels "
-                               "cover group and layer norm only (use model.norm: group/layer or fused_norm: auto)")
-        return False
-    if mode in ("off", "auto"):
-        return False
+
+def _check_input(x: torch.Tensor) -> None:
     reason = unavailable_reason(x)
     if reason is not None:
-        raise RuntimeError(f"model.fused_norm: on, but the fused Triton norm kernels cannot run: {reason}. "
-                           "Set model.fused_norm: auto to fall back to the PyTorch modules, or off.")
-    return True
+        raise RuntimeError(f"model.norm_impl: triton, but the fused Triton norm kernels cannot run: {reason}; "
+                           "build the model with model.norm_impl: auto, modules or function")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -476,13 +468,6 @@ def _mergeable(t: torch.Tensor) -> bool:
     return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if it is NCHW- or channels_last-contiguous, else an NCHW-contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
-
-
 def _channels_inner(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1
 
@@ -497,7 +482,7 @@ def _as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_forward(x, weight, bias, m, s, groups: int, eps: float, act: bool):
-    x = _dense(x)
+    x = dense(x)
     geo = _Geometry(x, groups, TILE_ELEMS, CHUNK_ELEMS)
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -581,6 +566,7 @@ _dynamo_off = getattr(torch, "_disable_dynamo", lambda fn=None, recursive=True: 
 
 @_dynamo_off
 def _apply(x, weight, bias, m, s, groups: int, eps: float, act: bool) -> torch.Tensor:
+    _check_input(x)
     return _FusedGroupNormAct.apply(x, weight, bias, m, s, groups, eps, act)
 
 
@@ -597,12 +583,6 @@ def group_norm_act(x: torch.Tensor, groups: int, eps: float, weight: Optional[to
     return _apply(x, weight, bias, mean, inv_std, groups, eps, act)
 
 
-@overload
-def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
-                   deferred: Literal[False] = False) -> torch.Tensor: ...
-@overload
-def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
-                   deferred: Literal[True]) -> Tuple[torch.Tensor, torch.Tensor]: ...
 def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
                    deferred: bool = False) -> "torch.Tensor | Tuple[torch.Tensor, torch.Tensor]":
     """The fused equivalent of ``NormAct``: ``act(norm(x))``, or ``act.forward_deferred(norm(x))``.
@@ -626,13 +606,3 @@ def fused_norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor,
 def fused_scale_norm(norm: nn.GroupNorm, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The fused equivalent of ``ScaleOnlyNorm``: ``group_norm(x) * weight`` (no shift, no activation)."""
     return group_norm_act(x, norm.num_groups, norm.eps, weight, None, act=False)
-
-
-def set_fused_norm(model: nn.Module, mode: str) -> nn.Module:
-    """Switch every norm unit of ``model`` to ``mode`` (``auto``/``on``/``off``); parameters are untouched."""
-    if mode not in FUSED_MODES:
-        raise ValueError(f"model.fused_norm: {mode!r} is not one of {', '.join(FUSED_MODES)}")
-    for module in model.modules():
-        if hasattr(module, "fused_norm"):
-            setattr(module, "fused_norm", mode)  # noqa: B010 - nn.Module's type does not declare the attribute
-    return model

@@ -46,8 +46,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, stored_model_config
 from .efficientnet import EfficientNet, FusedMBConv, MBConv, SqueezeExcite
+from .layout import channel_view
 from .norms import NormAct, ScaleOnlyNorm
 from .proxy_norm import ProxyNormActivation
 
@@ -61,10 +62,6 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- building blocks
-def _channel(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1)
-
-
 class NormSiLU(nn.Module):
     """``silu(norm(x))`` then an optional per-channel ``* scale`` and ``+ shift`` (what proxy norm leaves over).
 
@@ -78,8 +75,8 @@ class NormSiLU(nn.Module):
     def __init__(self, norm: nn.Module, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None):
         super().__init__()
         self.norm = norm
-        self.register_buffer("scale", None if scale is None else _channel(scale.float()).clone())
-        self.register_buffer("shift", None if shift is None else _channel(shift.float()).clone())
+        self.register_buffer("scale", None if scale is None else channel_view(scale.float()).clone())
+        self.register_buffer("shift", None if shift is None else channel_view(shift.float()).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
@@ -117,13 +114,9 @@ class InferenceMBConv(nn.Module):
         gate = self.se(out)
         out = self.conv_pwl(out * gate)
         if self.gate_correction is not None:
-            out = out.sub_(_channel_rows(F.linear(gate.flatten(1), self.gate_correction.to(gate.dtype))))
+            out = out.sub_(channel_view(F.linear(gate.flatten(1), self.gate_correction.to(gate.dtype))))
         out = self.norm3(out)
         return x + out if self.has_residual else out
-
-
-def _channel_rows(v: torch.Tensor) -> torch.Tensor:
-    return v[:, :, None, None]
 
 
 class InferenceFusedMBConv(nn.Module):
@@ -477,6 +470,7 @@ def _metadata(path: Path) -> Dict[str, str]:
 
 
 def _model_config(raw: Any, path: Path) -> ModelConfig:
+    raw = stored_model_config(raw) if isinstance(raw, dict) else raw
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if not isinstance(raw, dict) or set(raw) - known:
         extra = sorted(set(raw) - known) if isinstance(raw, dict) else raw

@@ -22,67 +22,19 @@ forward and backward, without a graph break on torch >= 2.1; torch 2.0 cannot (`
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .fused_norm import _dense, _version_tuple
-from .proxy_norm import accumulation_dtype, proxy_moments, proxy_moments_backward
+from .layout import channel_view, dense
+from .proxy_norm import PROXY_MODES, accumulation_dtype, proxy_moments, proxy_moments_backward
 
-PROXY_MODES = ("full", "deferred_scale", "center_only")
-NormAutograd = Literal["auto", "function", "modules"]
-NORM_AUTOGRAD_MODES = ("auto", "function", "modules")
 #: torch 2.0's dynamo refuses an autograd.Function whose inputs require grad ("autograd.Function with
 #: requires_grad": a graph break at every unit); later versions trace its forward and backward.
-DYNAMO_TRACES_FUNCTIONS = _version_tuple(torch.__version__) >= (2, 1)
-
-
-def compiling() -> bool:
-    """Whether torch.compile (dynamo) is tracing this call."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is not None:
-        return bool(is_compiling())
-    dynamo = sys.modules.get("torch._dynamo")  # torch < 2.3
-    return bool(dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)())
-
+DYNAMO_TRACES_FUNCTIONS = torch.__version__ >= "2.1"  # a TorchVersion: compared as versions, not strings
 
 _aten = torch.ops.aten
-
-
-def poptorch_tracing() -> bool:
-    """Whether PopTorch is tracing (or running) the model for an IPU: PopART differentiates the traced forward
-    itself and never calls a custom backward, so the plain modules must be what it traces."""
-    poptorch = sys.modules.get("poptorch")
-    return bool(poptorch is not None and getattr(poptorch, "isRunningOnIpu", lambda: False)())
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def use_function(mode: str, norm: nn.Module, x: torch.Tensor, act: Optional[nn.Module] = None) -> bool:
-    """Per call: run a unit as the autograd Function (True) or as its plain modules (False).
-
-    ``modules``: never. ``function``: every group/layer norm (GroupNorm) unit. ``auto``: as ``function`` on CPU
-    tensors, except while PopTorch traces, under torch.compile on a torch whose dynamo cannot trace the Function
-    (2.0), and when the norm or activation module has forward hooks (e.g. the IPU precision casts of
-    ipu_options/pipeline.py), which only run if the module itself is called. On other devices ``auto`` keeps the
-    modules: the Function has run on CPUs only, and a default must be a path that has run on its hardware.
-    """
-    if mode == "modules":
-        return False
-    if mode not in NORM_AUTOGRAD_MODES:
-        raise ValueError(f"model.norm_autograd: {mode!r} is not one of {', '.join(NORM_AUTOGRAD_MODES)}")
-    if not isinstance(norm, nn.GroupNorm):
-        return False
-    if mode == "function":
-        return True
-    if x.device.type != "cpu" or (compiling() and not DYNAMO_TRACES_FUNCTIONS):
-        return False
-    return not (poptorch_tracing() or _hooked(norm) or (act is not None and _hooked(act)))
 
 
 def kernel_param(p: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -91,10 +43,6 @@ def kernel_param(p: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.T
     if p is None or x.device.type == "cpu":
         return p
     return p.to(x.dtype)
-
-
-def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _sizes(x: torch.Tensor) -> Tuple[int, int, int]:
@@ -121,7 +69,7 @@ class _NormSwish(torch.autograd.Function):
                 quantiles: Optional[torch.Tensor], groups: int, eps: float, proxy_eps: float,
                 mode: Optional[str]) -> Any:
         # CPU's native group norm takes NCHW or channels_last; CUDA's only NCHW-contiguous input.
-        x = _dense(x) if x.device.type == "cpu" else x.contiguous()
+        x = dense(x) if x.device.type == "cpu" else x.contiguous()
         n, c, hw = _sizes(x)
         s = None
         with torch.autocast(x.device.type, enabled=False):
@@ -133,9 +81,10 @@ class _NormSwish(torch.autograd.Function):
                 assert proxy_gamma is not None and quantiles is not None
                 m, s, _ = proxy_moments(gamma, beta, proxy_beta, proxy_gamma, quantiles, proxy_eps)
                 if mode == "full":
-                    out = torch.addcmul(_channel_view(-m * s, x), out, _channel_view(s, x), out=out)
+                    out = torch.addcmul(channel_view((-m * s).to(x.dtype), x.dim()), out,
+                                        channel_view(s.to(x.dtype), x.dim()), out=out)
                 else:
-                    out = out.sub_(_channel_view(m, x))
+                    out = out.sub_(channel_view(m.to(x.dtype), x.dim()))
         ctx.groups, ctx.proxy_eps, ctx.mode = groups, proxy_eps, mode
         ctx.save_for_backward(x, mean, rstd, gamma, beta, proxy_beta, proxy_gamma, quantiles,
                               out if mode == "full" else None)
@@ -157,9 +106,8 @@ class _NormSwish(torch.autograd.Function):
             shift = -mean.to(acc).view(per_group).expand(n, groups, c // groups).reshape(n, c) * scale
             if beta is not None:
                 shift = shift + beta.to(acc)
-            view = (n, c) + (1,) * (x.dim() - 2)
-            act_in = torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view),
-                                   out=torch.empty_like(x))
+            act_in = torch.addcmul(channel_view(shift.to(x.dtype), x.dim()), x,
+                                   channel_view(scale.to(x.dtype), x.dim()), out=torch.empty_like(x))
             # The norm's backward sees d(loss)/da through ``weight``: gamma, or gamma * s when s scales the output.
             weight = gamma
             if mode is not None:

@@ -16,13 +16,16 @@ unit of models/norm_act.py calls :func:`proxy_moments_backward`, their gradient 
 
 from __future__ import annotations
 
-from typing import Literal, Tuple
+from typing import Literal, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import channel_view
+
 ProxyMode = Literal["full", "deferred_scale", "center_only"]
+PROXY_MODES = get_args(ProxyMode)
 
 
 def normal_quantiles(num_points: int) -> torch.Tensor:
@@ -90,8 +93,8 @@ class ProxyNormActivation(nn.Module):
 
     def __init__(self, channels: int, mode: ProxyMode = "full", eps: float = 0.03, num_points: int = 200):
         super().__init__()
-        if mode not in ("full", "deferred_scale", "center_only"):
-            raise ValueError(f"proxy norm mode {mode!r} is not one of full, deferred_scale, center_only")
+        if mode not in PROXY_MODES:
+            raise ValueError(f"proxy norm mode {mode!r} is not one of {', '.join(PROXY_MODES)}")
         self.mode = mode
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))  # gamma
@@ -106,15 +109,14 @@ class ProxyNormActivation(nn.Module):
         return m, s
 
     def _centered(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        w, b = self.weight.to(x.dtype).view(shape), self.bias.to(x.dtype).view(shape)
-        return F.silu(x * w + b) - mean.to(x.dtype).view(shape)
+        w, b = channel_view(self.weight.to(x.dtype), x.dim()), channel_view(self.bias.to(x.dtype), x.dim())
+        return F.silu(x * w + b) - channel_view(mean.to(x.dtype), x.dim())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self.proxy_stats()
         out = self._centered(x, mean)
         if self.mode == "full":
-            out = out * inv_std.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
+            out = out * channel_view(inv_std.to(x.dtype), x.dim())
         return out
 
     def forward_deferred(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

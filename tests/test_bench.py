@@ -76,7 +76,7 @@ def test_interleaved_rounds_norm_paths_and_saved_memory(capsys: pytest.CaptureFi
     """Every (model, norm path) runs in each round; ratios to the reference come per round; the saved-activation
     count is exact, so the proxy-norm modules' extra saved tensors show against the Function's."""
     ref = "efficientnet-b0-g16-gn[function]"
-    argv = TINY + ["--models", "efficientnet-b0-g16-gn,efficientnet-b0-g16-ln-pn", "--norm-autograd",
+    argv = TINY + ["--models", "efficientnet-b0-g16-gn,efficientnet-b0-g16-ln-pn", "--norm-impl",
                    "function,modules", "--reference", ref, "--repeats", "2", "--steps", "1"]
     assert main(argv) == 0
     lines = {line["model"]: line for line in parse(capsys.readouterr().out)}
@@ -102,7 +102,7 @@ def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     (["--resolutions", "160,x"], "not a comma-separated list of integers"),
     (["--steps", "0"], "must be >= 1"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
-    (["--norm-autograd", "fast"], "--norm-autograd 'fast' is not one of auto, function, modules"),
+    (["--norm-impl", "fast"], "--norm-impl 'fast' is not one of auto, modules, function, triton"),
     (["--models", "efficientnet-b0-g16-gn", "--reference", "efficientnet-b0-g1-bn"],
      "--reference 'efficientnet-b0-g1-bn' is not one of the configurations: efficientnet-b0-g16-gn"),
 ])

@@ -33,8 +33,8 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
 
 
 def test_only_true_and_false_are_booleans(tmp_path):
-    cfg = load_config(write(tmp_path, "on.yml", "model:\n  fused_norm: on\n  proxy_norm: true\n  norm: layer\n"))
-    assert cfg.model.fused_norm == "on" and cfg.model.proxy_norm is True
+    cfg = load_config(write(tmp_path, "on.yml", "name: on\nmodel:\n  proxy_norm: true\n  norm: layer\n"))
+    assert cfg.name == "on" and cfg.model.proxy_norm is True
     with pytest.raises(ConfigError, match="model.proxy_norm: 'yes' is not true or false"):
         load_config(None, ["model.proxy_norm=yes"])
 
@@ -57,6 +57,11 @@ def test_round_trip_through_plain_data():
     ("model.proxy_norm=yes please", "model.proxy_norm: 'yes please' is not true or false"),
     ("model.group_dim=0", "model.group_dim: 0 is below the minimum 1"),
     ("model.proxy_norm=true", "model.proxy_norm: true needs model.norm group or layer, not batch"),
+    ("model.norm_impl=fast", "model.norm_impl: 'fast' is not one of 'auto', 'modules', 'function', 'triton'"),
+    ("model.fused_norm=on", "model.fused_norm is now model.norm_impl: one of 'auto', 'modules', 'function', "
+                            "'triton'"),
+    ("model.norm_autograd=modules", "model.norm_autograd is now model.norm_impl: one of 'auto', 'modules', "
+                                    "'function', 'triton'"),
     ("train.resolution=huge", "train.resolution: 'huge' is not an integer or one of 'half' or null"),
     ("model", "--set 'model': expected section.key=value"),
     ("train.compile_mode=reduce-overhead", "train.compile_mode: 'reduce-overhead' takes effect only with "

@@ -1,8 +1,8 @@
 """Fused Triton norm + swish + proxy-norm kernels (models/fused_norm.py) against the PyTorch modules.
 
 Three tiers:
-- everywhere: the selection logic (``auto`` falls back on CPU and leaves the PyTorch path unchanged, ``on``
-  without CUDA names ``model.fused_norm`` in its error, the state dict does not depend on the mode);
+- everywhere: the construction-time choice (``auto`` never picks the kernels, ``triton`` without CUDA or Triton
+  names ``model.norm_impl`` in its error, the state dict does not depend on the implementation);
 - CPU with Triton >= 3.0: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess so it is
   set before Triton is imported) and every output and gradient must match the PyTorch modules;
 - CUDA: the same comparisons at realistic shapes in fp32 and bf16, and checkpoints moving between the paths.
@@ -13,12 +13,10 @@ interpreter comparison as JSON lines.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,8 +29,17 @@ if str(REPO) not in sys.path:  # when run as a script
 
 from models import ModelConfig, build_model  # noqa: E402
 from models import fused_norm as fn  # noqa: E402
-from models.fused_norm import set_fused_norm, use_fused  # noqa: E402
-from models.norms import NormAct, NormSpec, ScaleOnlyNorm  # noqa: E402
+from models.norms import (  # noqa: E402
+    NormAct,
+    NormImplError,
+    NormSpec,
+    ScaleOnlyNorm,
+    TritonNormAct,
+    TritonScaleOnlyNorm,
+    norm_act,
+    projection_norm,
+    resolve_norm_impl,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 needs_kernels = pytest.mark.skipif(fn.triton_error() is not None,
@@ -45,10 +52,10 @@ needs_kernels = pytest.mark.skipif(fn.triton_error() is not None,
 
 def _unit(kind: str, spec: NormSpec, channels: int) -> nn.Module:
     if kind == "scale":
-        return ScaleOnlyNorm(spec, channels)
+        return projection_norm(spec, channels)  # proxy-normed: the scale-only norm
     if kind == "silu":
-        return NormAct(spec, channels)
-    return NormAct(spec, channels, proxy_mode=kind)  # full / deferred_scale / center_only
+        return norm_act(spec, channels)
+    return norm_act(spec, channels, proxy_mode=kind)  # full / deferred_scale / center_only
 
 
 def _randomise(module: nn.Module, seed: int) -> None:
@@ -76,15 +83,16 @@ def _run(module: nn.Module, x: torch.Tensor, upstream):
 
 
 def compare(kind: str, norm: str, layout: str, shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """Max abs errors (scaled by the reference's max) of the fused path vs PyTorch (fp32 reference)."""
+    """Max abs errors (scaled by the reference's max) of the fused path vs PyTorch (fp32 reference: what ``auto``
+    builds for ``device``)."""
     B, C, H, W = shape
     spec_kw = dict(kind=norm, num_groups=4, eps=1e-3, proxy_norm=kind not in ("silu",))
     if kind == "scale":
         spec_kw["proxy_norm"] = True
-    ref = _unit(kind, NormSpec(**spec_kw, fused_norm="off"), C)
+    ref = _unit(kind, NormSpec(**spec_kw, impl=resolve_norm_impl("auto", norm, device)), C)
     _randomise(ref, seed)
-    fused = copy.deepcopy(ref)
-    set_fused_norm(fused, "on")
+    fused = _unit(kind, NormSpec(**spec_kw, impl="triton"), C)
+    fused.load_state_dict(ref.state_dict())
     ref, fused = ref.to(device), fused.to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     x = (2.0 * torch.randn(shape, generator=gen) + 0.5).to(device)
@@ -152,7 +160,7 @@ def interpret_main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        for saved, loaded in (("on", "off"), ("off", "on")):
+        for saved, loaded in (("triton", "modules"), ("modules", "triton")):
             r = checkpoint_roundtrip(Path(tmp), "cpu", saved, loaded, resolution=32, batch=2, steps=1,
                                      width_mult=0.25, depth_mult=0.25)
             print(json.dumps({"checkpoint": dict(r, saved=saved, loaded=loaded)}), flush=True)
@@ -181,9 +189,10 @@ def block_compare(device: str, shape) -> dict:
 
     torch.manual_seed(3)
     cfg = BlockConfig(shape[1], shape[1], 4, 3, 1, 0.25, 1.0, "mbconv")
-    ref = make_block(cfg, NormSpec("layer", proxy_norm=True, fused_norm="off"), 16)
+    ref = make_block(cfg, NormSpec("layer", proxy_norm=True, impl=resolve_norm_impl("auto", "layer", device)), 16)
     _randomise_norms(ref)
-    fused = set_fused_norm(copy.deepcopy(ref), "on")
+    fused = make_block(cfg, NormSpec("layer", proxy_norm=True, impl="triton"), 16)
+    fused.load_state_dict(ref.state_dict())
     ref, fused = ref.to(device), fused.to(device)
     x = torch.randn(shape).to(device)
     errs = {}
@@ -223,92 +232,79 @@ def stability(device: str) -> dict:
 # Everywhere: selection
 # --------------------------------------------------------------------------------------------------------------
 
-def _pn_unit(mode: str = "auto", proxy_mode: str = "full") -> NormAct:
-    unit = NormAct(NormSpec("layer", proxy_norm=True, fused_norm=mode, norm_autograd="modules"), 12,
-                   proxy_mode=proxy_mode)
+def _pn_unit(impl: str = "modules", proxy_mode: str = "full") -> NormAct:
+    unit = norm_act(NormSpec("layer", proxy_norm=True, impl=impl), 12, proxy_mode=proxy_mode)  # type: ignore[arg-type]
     _randomise(unit, 0)
     return unit
 
 
-def test_auto_falls_back_on_cpu_and_the_pytorch_path_is_unchanged(monkeypatch):
+def test_the_modules_path_is_the_plain_modules(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    unit = _pn_unit("auto")
+    unit = _pn_unit("modules")
     x = torch.randn(2, 12, 5, 7)
-    assert not use_fused("auto", unit.norm, x)
     assert torch.equal(unit(x), unit.act(unit.norm(x)))
-    deferred = _pn_unit("auto", "deferred_scale")
+    deferred = _pn_unit("modules", "deferred_scale")
     out, scale = deferred.forward_deferred(x)
     ref_out, ref_scale = deferred.act.forward_deferred(deferred.norm(x))
     assert torch.equal(out, ref_out) and torch.equal(scale, ref_scale)
-    scale_only = ScaleOnlyNorm(NormSpec("group", proxy_norm=True, norm_autograd="modules"), 12)
+    scale_only = projection_norm(NormSpec("group", proxy_norm=True), 12)
     assert torch.equal(scale_only(x), scale_only.norm(x) * scale_only.weight.view(1, -1, 1, 1))
 
 
-def test_checkpoints_move_between_fused_settings():
-    """``on`` and ``off`` models have the same parameters and keys, so a checkpoint loads strictly either way."""
+def test_checkpoints_move_between_the_kernels_and_the_modules(monkeypatch):
+    """A ``triton`` and a ``modules`` model have the same parameters and keys, so a checkpoint loads strictly either
+    way; every unit of the ``triton`` model is a Triton one (nothing runs here: built for CUDA, kept on the CPU)."""
+    monkeypatch.setattr(fn, "_TRITON_ERROR", None)  # building needs no kernel
     torch.manual_seed(0)
     cfg = dict(norm="layer", proxy_norm=True, group_dim=16, expand_ratio=4, num_classes=10, width_mult=0.25,
                depth_mult=0.25)
-    on = build_model(ModelConfig(**cfg, fused_norm="on"))
-    off = build_model(ModelConfig(**cfg, fused_norm="off"))
+    on = build_model(ModelConfig(**cfg, norm_impl="triton"), "cuda")
+    off = build_model(ModelConfig(**cfg, norm_impl="modules"), "cuda")
+    assert on.norm_impl == "triton" and off.norm_impl == "modules"
+    units = [m for m in on.modules() if isinstance(m, (NormAct, ScaleOnlyNorm))]
+    assert units and {type(u) for u in units} == {TritonNormAct, TritonScaleOnlyNorm}
     assert list(on.state_dict()) == list(off.state_dict())
     loaded = off.load_state_dict(on.state_dict())  # strict: a missing or unexpected key raises
     assert loaded.missing_keys == [] and loaded.unexpected_keys == []
     assert [p.shape for p in on.parameters()] == [p.shape for p in off.parameters()]
 
 
-def test_on_without_cuda_names_the_setting(monkeypatch):
+def test_triton_without_cuda_names_the_setting(monkeypatch):
+    """At construction for a CPU (no interpreter), and at the call for a unit built anyway and given a CPU tensor."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    unit = _pn_unit("on")
-    with pytest.raises(RuntimeError, match=r"model\.fused_norm: on.*(cpu|triton)"):
-        unit(torch.randn(2, 12, 3, 3))
-    scale_only = ScaleOnlyNorm(NormSpec("layer", proxy_norm=True, fused_norm="on"), 12)
-    with pytest.raises(RuntimeError, match=r"model\.fused_norm"):
+    cfg = ModelConfig(norm="layer", proxy_norm=True, norm_impl="triton", width_mult=0.25, depth_mult=0.25)
+    with pytest.raises(NormImplError, match=r"model\.norm_impl: triton.*(cpu|triton)"):
+        build_model(cfg)
+    with pytest.raises(RuntimeError, match=r"model\.norm_impl: triton.*(cpu|triton)"):
+        _pn_unit("triton")(torch.randn(2, 12, 3, 3))
+    scale_only = projection_norm(NormSpec("layer", proxy_norm=True, impl="triton"), 12)
+    with pytest.raises(RuntimeError, match=r"model\.norm_impl"):
         scale_only(torch.randn(2, 12, 3, 3))
 
 
-def test_auto_keeps_the_pytorch_path_even_where_the_kernels_could_run(monkeypatch):
-    """The kernels have not run on a GPU yet, so the default must not pick them on a CUDA tensor either."""
+def test_auto_never_picks_the_kernels_even_where_they_could_run(monkeypatch):
+    """The kernels have not run on a GPU yet, so the default must not pick them for CUDA either."""
     monkeypatch.setattr(fn, "_TRITON_ERROR", None)
-    monkeypatch.setattr(fn, "unavailable_reason", lambda x: None)
-    cuda_like = types.SimpleNamespace(is_cuda=True, dim=lambda: 4, dtype=torch.bfloat16)
-    assert use_fused("on", nn.GroupNorm(1, 12), cuda_like)
-    assert not use_fused("auto", nn.GroupNorm(1, 12), cuda_like)
+    assert resolve_norm_impl("triton", "layer", "cuda") == "triton"
+    assert {resolve_norm_impl("auto", "layer", target) for target in ("cuda", "cpu", "ipu")} <= {"modules",
+                                                                                                 "function"}
 
 
-def test_on_without_triton_says_so(monkeypatch):
+def test_triton_without_triton_says_so(monkeypatch):
     monkeypatch.setattr(fn, "_TRITON_ERROR", "triton is not importable (ModuleNotFoundError: no triton)")
-    x = torch.randn(2, 12, 3, 3)
-    assert not use_fused("auto", nn.GroupNorm(1, 12), x)
-    with pytest.raises(RuntimeError, match=r"model\.fused_norm: on.*triton is not importable"):
-        _pn_unit("on")(x)
+    assert resolve_norm_impl("auto", "layer", "cuda") == "modules"
+    with pytest.raises(NormImplError, match=r"model\.norm_impl: triton.*triton is not importable"):
+        resolve_norm_impl("triton", "layer", "cuda")
+    with pytest.raises(RuntimeError, match=r"model\.norm_impl: triton.*triton is not importable"):
+        _pn_unit("triton")(torch.randn(2, 12, 3, 3))
 
 
-def test_config_checks_the_mode():
-    with pytest.raises(ValueError, match=r"model\.fused_norm: on needs model\.norm group or layer"):
-        ModelConfig(norm="batch", fused_norm="on").validate()
-    ModelConfig(norm="batch", fused_norm="auto").validate()
-    with pytest.raises(ValueError, match="model.fused_norm"):
-        use_fused("maybe", nn.GroupNorm(1, 4), torch.randn(1, 4, 2, 2))
-    with pytest.raises(ValueError, match="model.fused_norm"):
-        set_fused_norm(nn.Sequential(), "yes")
-
-
-def test_batch_norm_units_refuse_the_fused_path():
-    x = torch.randn(2, 8, 3, 3)
-    unit = NormAct(NormSpec("batch", fused_norm="auto"), 8)
-    assert not use_fused("auto", unit.norm, x)
-    with pytest.raises(RuntimeError, match=r"model\.fused_norm: on, but this norm is BatchNorm2d"):
-        use_fused("on", unit.norm, x)
-
-
-def test_set_fused_norm_reaches_every_unit():
-    model = build_model(ModelConfig(norm="group", proxy_norm=True, num_classes=10, width_mult=0.25,
-                                    depth_mult=0.25))
-    units = [m for m in model.modules() if isinstance(m, (NormAct, ScaleOnlyNorm))]
-    assert units and all(u.fused_norm == "auto" for u in units)
-    set_fused_norm(model, "off")
-    assert all(u.fused_norm == "off" for u in units)
+def test_batch_norm_refuses_the_kernels():
+    with pytest.raises(ValueError, match=r"model\.norm_impl: triton needs model\.norm group or layer"):
+        ModelConfig(norm="batch", norm_impl="triton").validate()
+    ModelConfig(norm="batch", norm_impl="auto").validate()
+    with pytest.raises(ValueError, match=r"model\.norm_impl: triton needs model\.norm group or layer"):
+        NormSpec("batch", impl="triton")
 
 
 def test_tile_picker_is_sane():
@@ -459,10 +455,10 @@ def test_kernels_compile_for_h100_without_a_gpu():
 COMPILE_SCRIPT = """
 import torch
 from models import fused_norm as fn
-from models.norms import NormAct, NormSpec
+from models.norms import NormSpec, norm_act, resolve_norm_impl
 torch.manual_seed(0)
-unit = NormAct(NormSpec("layer", proxy_norm=True, fused_norm="on"), 12)
-ref = NormAct(NormSpec("layer", proxy_norm=True, fused_norm="off"), 12)
+unit = norm_act(NormSpec("layer", proxy_norm=True, impl="triton"), 12)
+ref = norm_act(NormSpec("layer", proxy_norm=True, impl=resolve_norm_impl("auto", "layer")), 12)
 ref.load_state_dict(unit.state_dict())
 seen = []
 def probe(x):
@@ -485,7 +481,7 @@ print("ok")
 @pytest.mark.slow
 @pytest.mark.needs_new_torch
 def test_fused_on_under_torch_compile_in_the_interpreter():
-    """``on`` under torch.compile runs the kernels behind a graph break, with the right gradients."""
+    """``triton`` under torch.compile runs the kernels behind a graph break, with the right gradients."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -547,8 +543,9 @@ def checkpoint_roundtrip(tmp_path: Path, device: str, saved_with: str, loaded_wi
     torch.manual_seed(0)
     cfg = dict(norm="layer", proxy_norm=True, group_dim=16, expand_ratio=4, num_classes=10, **overrides)
 
-    def make(mode: str) -> nn.Module:
-        return build_model(ModelConfig(**cfg, fused_norm=mode)).to(device).to(memory_format=torch.channels_last)
+    def make(impl: str) -> nn.Module:
+        model = build_model(ModelConfig(**cfg, norm_impl=impl), device)  # type: ignore[arg-type]
+        return model.to(device).to(memory_format=torch.channels_last)
 
     src = make(saved_with)
     opt = torch.optim.SGD(src.parameters(), lr=0.05)  # move the parameters off their initial values
@@ -575,7 +572,7 @@ def checkpoint_roundtrip(tmp_path: Path, device: str, saved_with: str, loaded_wi
 @pytest.mark.cuda
 @needs_cuda
 @needs_kernels
-@pytest.mark.parametrize("saved_with,loaded_with", [("on", "off"), ("off", "on")])
+@pytest.mark.parametrize("saved_with,loaded_with", [("triton", "modules"), ("modules", "triton")])
 def test_gpu_checkpoints_move_between_paths(tmp_path, monkeypatch, saved_with, loaded_with):
     # TF32 convs would add ~1e-3 noise on both sides and hide what this compares: the norm paths.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -140,8 +141,8 @@ def test_dry_run_runs_every_step_and_writes_the_documented_lines(tmp_path: Path)
             assert line["compile"] == mode and line["channels_last"] is True and line["images_per_s"] > 0
             if not line["model"].startswith("timm:"):
                 assert line["vs_timm_efficientnet_b0_gn"] > 0 and ("vs_timm_efficientnet_b0" in line) == (not mode)
-                assert line["fused_norm"] == "auto" and line["norm_autograd"] in ("auto", "modules", "function")
-    assert {line["norm_autograd"] for line in by_part["eager"] if "[" in line["model"]} == {"modules", "function"}
+                assert line["norm_impl"] in ("auto", "modules", "function") and line["norm_units"] != "triton"
+    assert {line["norm_impl"] for line in by_part["eager"] if "[" in line["model"]} == {"modules", "function"}
 
     # 5. profile: the fastest line of the model in step 4 and the eager path, top ops by time, and their tables
     plines = read_lines(out / "profile.jsonl")
@@ -153,7 +154,7 @@ def test_dry_run_runs_every_step_and_writes_the_documented_lines(tmp_path: Path)
     totals = {p["path"]: p for p in plines if p["what"] == "profile_total"}
     assert list(totals) == ["fastest", "eager"] and not [p for p in plines if p["what"] == "profile_error"]
     assert totals["fastest"]["compile"] == best["compile"]
-    assert totals["eager"]["compile"] is False and totals["eager"]["norm_autograd"] == "auto"
+    assert totals["eager"]["compile"] is False and totals["eager"]["norm_impl"] == "auto"
     for path, total in totals.items():
         assert total["time_kind"] == "cpu_ops" and total["device"].startswith("cpu")  # the dry run's --device
         assert total["steps"] == 1 and total["step_ms"] > 0 and total["distinct"] >= 15
@@ -282,21 +283,23 @@ def test_pytest_plugin_writes_each_outcome_and_finds_unmarked_cuda_tests(tmp_pat
 # ------------------------------------------------------------------------------ what bench/ gained for the check
 def test_norm_path_labels_and_configs() -> None:
     presets = {name: throughput.load_preset(name) for name in (LN_PN, "efficientnet-b0-g1-bn")}
-    got = throughput.our_configs(presets, [LN_PN], ["modules", "function"], ["on", "off"])
-    assert [label for label, _ in got] == [f"{LN_PN}[fused=on]", f"{LN_PN}[modules,fused=off]",
-                                           f"{LN_PN}[function,fused=off]"]  # fused=on once: it ignores the path
-    assert [(c.norm_autograd, c.fused_norm) for _, c in got] == [("modules", "on"), ("modules", "off"),
-                                                                  ("function", "off")]
-    plain = throughput.our_configs(presets, [LN_PN, "efficientnet-b0-g1-bn"], [None], [None])
+    got = throughput.our_configs(presets, [LN_PN], ["triton", "modules", "function"])
+    assert [label for label, _ in got] == [f"{LN_PN}[triton]", f"{LN_PN}[modules]", f"{LN_PN}[function]"]
+    assert [c.norm_impl for _, c in got] == ["triton", "modules", "function"]
+    assert all(replace(c, norm_impl="auto") == presets[LN_PN] for _, c in got)  # nothing else changes
+    plain = throughput.our_configs(presets, [LN_PN, "efficientnet-b0-g1-bn"], [None])
     assert plain == [(LN_PN, presets[LN_PN]), ("efficientnet-b0-g1-bn", presets["efficientnet-b0-g1-bn"])]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--models", "efficientnet-b0-g1-bn", "--fused-norm", "on"], "efficientnet-b0-g1-bn uses batch norm"),
-    (["--fused-norm", "fast"], "--fused-norm 'fast' is not one of auto, on, off"),
+    (["--models", "efficientnet-b0-g1-bn", "--norm-impl", "triton"], "efficientnet-b0-g1-bn uses batch norm"),
+    (["--norm-impl", "fast"], "--norm-impl 'fast' is not one of auto, modules, function, triton"),
+    (["--models", "efficientnet-b0-g16-gn", "--norm-impl", "triton"], "model.norm_impl: triton, but the fused"),
     (["--timm-models", "resnet50"], "--timm-models 'resnet50': choose from efficientnet_b0, efficientnet_b0_gn"),
 ])
-def test_new_throughput_arguments_are_checked(capsys: pytest.CaptureFixture, argv: List[str], message: str) -> None:
+def test_new_throughput_arguments_are_checked(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                              argv: List[str], message: str) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton on the CPU is refused before any timing
     with pytest.raises(SystemExit) as exit_info:
         throughput.main(["--device", "cpu", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -323,12 +326,12 @@ def test_parts_in_priority_order_with_their_arguments() -> None:
                                                 "--models", ",".join(models)])
     triton = gpu_check.part_argv("triton", args)
     assert triton[triton.index("--models") + 1] == f"{LN_PN},efficientnet-b0-g16-gn"  # no batch norm
-    assert triton[triton.index("--fused-norm") + 1] == "on,off" and "--compile" not in triton
+    assert triton[triton.index("--norm-impl") + 1] == "triton,modules" and "--compile" not in triton
     ro = gpu_check.part_argv("reduce-overhead@224:efficientnet-b0-g1-bn", args)
     assert ro[ro.index("--compile-mode") + 1] == "reduce-overhead" and ro[ro.index("--resolutions") + 1] == "224"
     assert ro[ro.index("--timm-models") + 1] == "efficientnet_b0" and "--channels-last" in ro
     eager = gpu_check.part_argv("eager", args)
-    assert eager[eager.index("--norm-autograd") + 1] == "modules,function" and "--compile" not in eager
+    assert eager[eager.index("--norm-impl") + 1] == "modules,function" and "--compile" not in eager
     for argv in (triton, ro, eager):  # every part's arguments are ones bench.throughput accepts
         parsed = throughput.build_parser().parse_args(argv)
         assert parsed.batch_size == 256 and parsed.precision == "bf16" and parsed.compare_timm

@@ -14,10 +14,11 @@ from torch import nn
 from conftest import TINY_MODEL
 from fake_poptorch import PoptorchError, cpu_has_half_convolutions, install
 from ipu_options.apply import apply_calls, build_options
-from ipu_options.pipeline import annotate_pipeline, prepare_precision
+from ipu_options.pipeline import FloatGroupNorm, annotate_pipeline, prepare_precision
 from ipu_options.plan import PlanError, training_calls
 from models import build_model
-from train.backends import process_rank
+from train.backends import build_network, process_rank
+from train.backends import make_backend as backend_for
 from train.backends.torch_backend import BackendError
 from train.checkpoint import load_checkpoint
 from train.cli import main as train_main
@@ -58,11 +59,9 @@ def tiny(*extra):
 
 def make_backend(cfg, phase_index=0):
     """The backend of one phase, planned as ``python -m train`` plans it (for this process's launch)."""
-    from train.backends import make_backend as backend_for
-
     phase = plan_launch(cfg).phases[phase_index]
     torch.manual_seed(0)
-    return backend_for(cfg, phase, build_model(cfg.model))
+    return backend_for(cfg, phase, build_network(cfg))
 
 
 # ---------------------------------------------------------------------------------- builders on Options
@@ -165,8 +164,8 @@ def test_recompute_stage_checkpoints_every_block_output_in_training_only(fake):
 @pytest.mark.parametrize("compute", ["16.16", "16.32"])
 def test_precision_keeps_norms_and_proxy_statistics_in_float(compute):
     cfg = tiny()
-    model = build_model(cfg.model)
-    ref = ClassificationTask(build_model(cfg.model), 10)
+    model = build_model(cfg.model, "ipu")
+    ref = ClassificationTask(build_model(cfg.model, "ipu"), 10)
     ref.model.load_state_dict(model.state_dict())
     task = ClassificationTask(model, 10)
     task.dtype = prepare_precision(model, compute, "float")
@@ -180,6 +179,32 @@ def test_precision_keeps_norms_and_proxy_statistics_in_float(compute):
     out = model(task.normalize(images))
     assert out.dtype == torch.float16  # half compute all the way to the logits
     assert abs(task(images, labels)[0].item() - ref(images, labels)[0].item()) < 0.05
+
+
+@pytest.mark.parametrize("compute, float_norms", [("16.16", True), ("16.32", True), ("16.16", False)])
+def test_float_norms_become_float_classes_without_hooks(compute, float_norms):
+    """The precision setting is applied once, by swapping each GroupNorm/BatchNorm for its float-computing class
+    that holds the same tensors under the same keys; no module is left with a forward hook."""
+    cfg = tiny()
+    model = build_model(cfg.model, "ipu")
+    keys = list(model.state_dict())
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))}
+    tensors = {n: [id(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]] for n, m in norms.items()}
+    prepare_precision(model, compute, "float" if float_norms else "half")
+    assert list(model.state_dict()) == keys
+    expected = FloatGroupNorm if float_norms else nn.GroupNorm
+    for name, old in norms.items():
+        new = model.get_submodule(name)
+        assert type(new) is expected and new.training == old.training
+        assert [id(t) for t in [*new.parameters(recurse=False), *new.buffers(recurse=False)]] == tensors[name]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_ipu_backend_refuses_a_model_built_for_another_device(fake):
+    cfg = tiny()
+    with pytest.raises(BackendError, match="the IPU runs the norm units as plain modules, but this model's are "
+                                           "function"):
+        backend_for(cfg, run_phases(cfg)[0], build_model(cfg.model, "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------- backend

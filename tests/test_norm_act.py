@@ -2,8 +2,8 @@
 
 Every mode (plain swish; proxy norm full, deferred scale into SE, centre only), group and layer norm, NCHW and
 NHWC: float64 gradcheck of the hand-written backward; fp32 outputs and every gradient against the modules on
-real-sized activations; bf16 autocast; checkpoints between the paths; what autograd saves; when each path is
-chosen; torch.compile; DDP over two real gloo processes.
+real-sized activations; bf16 autocast; checkpoints between the paths; what autograd saves; which path a model is
+built with; torch.compile; DDP over two real gloo processes.
 """
 
 from __future__ import annotations
@@ -19,23 +19,33 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from models import ModelConfig, build_model
-from models.norm_act import DYNAMO_TRACES_FUNCTIONS, norm_proxy_swish, norm_swish, use_function
-from models.norms import NormAct, NormSpec, ScaleOnlyNorm
+from models.norm_act import DYNAMO_TRACES_FUNCTIONS, norm_proxy_swish, norm_swish
+from models.norms import (
+    FunctionNormAct,
+    FunctionScaleOnlyNorm,
+    NormAct,
+    NormImplError,
+    NormSpec,
+    ScaleOnlyNorm,
+    norm_act,
+    projection_norm,
+    resolve_norm_impl,
+)
 
 KINDS = ["swish", "full", "deferred_scale", "center_only", "scale"]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 def unit(kind: str, norm: str, channels: int, path: str, seed: int = 0) -> nn.Module:
-    """One norm unit with random (seeded) parameters, running the given path (``function`` or ``modules``)."""
-    spec = NormSpec(norm, num_groups=4, eps=1e-3, proxy_norm=kind != "swish", norm_autograd=path)
+    """One norm unit with random (seeded) parameters, built for the CPU with ``model.norm_impl`` ``path``."""
+    spec = NormSpec(norm, num_groups=4, eps=1e-3, proxy_norm=kind != "swish", impl=resolve_norm_impl(path, norm))
     module: nn.Module
     if kind == "scale":
-        module = ScaleOnlyNorm(spec, channels)
+        module = projection_norm(spec, channels)
     elif kind == "swish":
-        module = NormAct(spec, channels)
+        module = norm_act(spec, channels)
     else:
-        module = NormAct(spec, channels, proxy_mode=kind)
+        module = norm_act(spec, channels, proxy_mode=kind)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -168,8 +178,8 @@ def test_checkpoints_move_between_the_paths(variant, tmp_path):
     """Same state-dict keys; a checkpoint saved by either path loads strictly into the other, which then
     computes the same outputs and gradients (within fp32 rounding), and back again bit for bit."""
     torch.manual_seed(0)
-    lean = build_model(ModelConfig(**MODELS[variant], norm_autograd="function")).train()
-    plain = build_model(ModelConfig(**MODELS[variant], norm_autograd="modules")).train()
+    lean = build_model(ModelConfig(**MODELS[variant], norm_impl="function")).train()
+    plain = build_model(ModelConfig(**MODELS[variant], norm_impl="modules")).train()
     assert list(lean.state_dict()) == list(plain.state_dict())
     with torch.no_grad():  # away from the initial values, where some gradients vanish
         for p in lean.parameters():
@@ -218,29 +228,25 @@ def test_the_function_saves_the_input_and_at_most_the_output(kind):
 
 
 # ----------------------------------------------------------------------------------------------- selection
-def test_path_selection():
-    spec = NormSpec("layer", proxy_norm=True)
-    pn = NormAct(spec, 8)
-    x = torch.randn(2, 8, 4, 4)
-    assert use_function("auto", pn.norm, x, pn.act) and use_function("function", pn.norm, x, pn.act)
-    assert not use_function("modules", pn.norm, x, pn.act)
-    assert not use_function("auto", nn.BatchNorm2d(8), x)  # BatchNorm units always run as modules
-    on_meta = torch.empty(2, 8, 4, 4, device="meta")  # any non-CPU device: the Function has run on CPUs only
-    assert not use_function("auto", pn.norm, on_meta, pn.act) and use_function("function", pn.norm, on_meta, pn.act)
-    hook = pn.norm.register_forward_pre_hook(lambda m, i: None)
-    assert not use_function("auto", pn.norm, x, pn.act) and use_function("function", pn.norm, x, pn.act)
-    hook.remove()
-    with pytest.raises(ValueError, match="model.norm_autograd: 'fast' is not one of auto, function, modules"):
-        use_function("fast", pn.norm, x, pn.act)
-
-
-def test_hooks_on_the_norm_module_still_run_under_auto():
-    """The IPU precision casts hook the GroupNorm modules: ``auto`` must then call them."""
-    calls = []
-    lean = unit("full", "layer", 8, "auto")
-    lean.norm.register_forward_hook(lambda m, i, o: calls.append(o.shape))
-    lean(torch.randn(2, 8, 4, 4))
-    assert calls == [torch.Size([2, 8, 4, 4])]
+def test_the_path_is_resolved_once_when_the_model_is_built():
+    """``auto``: the Function on the CPU (the modules under torch.compile on torch 2.0), the modules on CUDA and
+    the IPU; BatchNorm units are always modules; the IPU refuses the Function. Every unit of a built model is of
+    the resolved class, and the model says which."""
+    assert resolve_norm_impl("auto", "layer", "cpu") == "function"
+    assert resolve_norm_impl("auto", "group", "cpu", compiled=True) == ("function" if DYNAMO_TRACES_FUNCTIONS
+                                                                        else "modules")
+    assert resolve_norm_impl("auto", "layer", "cuda") == "modules"  # the Function has run on CPUs only
+    assert resolve_norm_impl("auto", "layer", "ipu") == resolve_norm_impl("modules", "layer", "cpu") == "modules"
+    assert resolve_norm_impl("function", "layer", "cuda") == "function"
+    assert resolve_norm_impl("auto", "batch", "cpu") == resolve_norm_impl("function", "batch", "cpu") == "modules"
+    with pytest.raises(NormImplError, match="model.norm_impl: function cannot run on the IPU"):
+        resolve_norm_impl("function", "layer", "ipu")
+    for target, impl, classes in (("cpu", "function", (FunctionNormAct, FunctionScaleOnlyNorm)),
+                                  ("ipu", "modules", (NormAct, ScaleOnlyNorm))):
+        model = build_model(ModelConfig(**PN_MODEL), target)
+        units = [m for m in model.modules() if isinstance(m, (NormAct, ScaleOnlyNorm))]
+        assert model.norm_impl == impl and {type(u) for u in units} == set(classes), target
+    assert build_model(ModelConfig(**{**PN_MODEL, "norm": "batch", "proxy_norm": False})).norm_impl == "modules"
 
 
 # ------------------------------------------------------------------------------------------------- compile
@@ -284,7 +290,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, state: Dict, x: torch.Ten
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = build_model(ModelConfig(**PN_MODEL, norm_autograd="function")).train()
+        model = build_model(ModelConfig(**PN_MODEL, norm_impl="function")).train()
         model.load_state_dict(state)
         ddp = nn.parallel.DistributedDataParallel(model)
         shard = x.chunk(world)[rank]
@@ -300,7 +306,7 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_modules(tmp_path):
     """Two DDP processes (the Function path, half the batch each) average their gradients to half of what the
     plain modules give for the whole batch in one process (each loss sums over its half; DDP takes the mean)."""
     torch.manual_seed(0)
-    plain = build_model(ModelConfig(**PN_MODEL, norm_autograd="modules")).train()
+    plain = build_model(ModelConfig(**PN_MODEL, norm_impl="modules")).train()
     x = torch.randn(4, 3, 32, 32)
     _, ref = model_step(plain, x)
     with mp.Manager() as manager:
@@ -314,8 +320,8 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_modules(tmp_path):
 
 
 def test_the_ipu_traces_the_plain_modules(monkeypatch):
-    """Contract (fake PopTorch): while PopTorch runs the model, ``poptorch.isRunningOnIpu()`` is True and ``auto``
-    keeps the modules, whose graph PopART differentiates itself; on the CPU the same model runs the Function."""
+    """Contract (fake PopTorch): a model built for the IPU runs the modules under PopTorch, whose graph PopART
+    differentiates itself; the same weights built for the CPU run the Function, and both compute the same."""
     import fake_poptorch
     import models.norm_act as norm_act
 
@@ -324,15 +330,18 @@ def test_the_ipu_traces_the_plain_modules(monkeypatch):
     real_apply = norm_act._NormSwish.apply
     monkeypatch.setattr(norm_act._NormSwish, "apply", lambda *a: calls.append(1) or real_apply(*a))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(norm="layer", proxy_norm=True, group_dim=16, expand_ratio=4, num_classes=10,
-                                    width_mult=0.25, depth_mult=0.25)).eval()
+    cfg = ModelConfig(norm="layer", proxy_norm=True, group_dim=16, expand_ratio=4, num_classes=10,
+                      width_mult=0.25, depth_mult=0.25)
+    model = build_model(cfg).eval()
+    for_ipu = build_model(cfg, "ipu").eval()
+    for_ipu.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         on_cpu = model(x)
     assert calls, "the CPU run takes the Function"
     calls.clear()
-    on_ipu = poptorch.inferenceModel(model, poptorch.Options())(x)
-    assert not calls, "under PopTorch auto must run the plain modules"
+    on_ipu = poptorch.inferenceModel(for_ipu, poptorch.Options())(x)
+    assert not calls, "a model built for the IPU must run the plain modules"
     # Both paths compute the same fp32 network with sums in other orders. Each of its ~30 normalised layers
     # reduces over at most K = 4096 values (a LayerNorm over C x H x W), adding a relative error of about
     # sqrt(K) * eps_fp32 = 64 * 1.2e-7 = 7.6e-6 (rounding errors of a reordered sum add up like a random walk), and

@@ -1,6 +1,6 @@
 """The memory-lean norm Function (models/norm_act.py) on CUDA against the plain modules on CUDA.
 
-The Function has run on CPUs only, so on CUDA ``model.norm_autograd: auto`` keeps the modules (docs/benchmarks.md,
+The Function has run on CPUs only, so on CUDA ``model.norm_impl: auto`` builds the modules (docs/benchmarks.md,
 "The defaults a GPU run decides"). These are the checks a GPU run needs before that can change, as on the CPU
 (tests/test_norm_act.py): every unit kind in fp32 within rounding of the modules, in both layouts; under bf16
 autocast as close to the fp32 reference as the modules' own bf16 run; a whole (small) model's outputs and gradients.
@@ -104,8 +104,8 @@ def test_a_model_on_the_function_matches_the_modules_on_cuda(norm: str, proxy: b
     gradients, within fp32 rounding."""
     cfg = dict(PN_MODEL, norm=norm, proxy_norm=proxy)
     torch.manual_seed(0)
-    lean = build_model(ModelConfig(**cfg, norm_autograd="function"))
-    plain = build_model(ModelConfig(**cfg, norm_autograd="modules"))
+    lean = build_model(ModelConfig(**cfg, norm_impl="function"), "cuda")
+    plain = build_model(ModelConfig(**cfg, norm_impl="modules"), "cuda")
     with torch.no_grad():  # away from the initial values, where some gradients vanish
         for p in lean.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_MODEL, needs_fashion
 from data.layout import infer_dataset
+from models import build_model, load_exported
+from models.inference import EvalPreprocessing, save_exported
 from train.checkpoint import candidates, load_checkpoint, save_checkpoint
-from train.config import ConfigError, load_config
+from train.config import ConfigError, config_to_dict, load_config
+from train.export import load_trained
+from train.resume import check_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -179,6 +186,36 @@ def test_resume_refuses_to_drop_the_wandb_run(tmp_path):
     assert train(*args).returncode == 0
     line = one_error_line(train(*args, "--set", "logging.wandb=disabled", "--resume", "auto"))
     assert "logging.wandb" in line and "W&B run id" in line
+
+
+@pytest.mark.parametrize("old, impl", [({"fused_norm": "on", "norm_autograd": "auto"}, "triton"),
+                                       ({"fused_norm": "off", "norm_autograd": "modules"}, "modules"),
+                                       ({"fused_norm": "auto", "norm_autograd": "function"}, "function"),
+                                       ({"fused_norm": "auto", "norm_autograd": "auto"}, "auto")])
+def test_a_checkpoint_or_export_with_the_old_norm_keys_loads_resumes_and_exports(tmp_path, old, impl):
+    """Before ``model.norm_impl``, checkpoints and exported files stored ``model.fused_norm`` and
+    ``model.norm_autograd``: reading one maps them to ``norm_impl``, so its config loads, a resume sees no change
+    that matters, and it exports (as auto in place of the training-time Triton kernels) and reloads."""
+    cfg = load_config(None, TINY_MODEL)
+    stored = config_to_dict(cfg)
+    stored["model"] = {**{k: v for k, v in stored["model"].items() if k != "norm_impl"}, **old}
+    weights = build_model(cfg.model).state_dict()
+    path = save_checkpoint({"model": weights, "config": stored}, tmp_path / "old.pt")
+    state = load_checkpoint(path)
+    assert state["config"]["model"] == {**config_to_dict(cfg)["model"], "norm_impl": impl}
+    assert load_config(None, [], base=state["config"]).model.norm_impl == impl
+    notes: List[str] = []
+    check_resume(state, cfg, 1, False, notes.append)  # norm_impl may change on a resume; nothing else changed
+    trained = load_trained(path, [])
+    assert trained.cfg.model.norm_impl == ("auto" if impl == "triton" else impl) and not notes
+    assert all(torch.equal(v, weights[k]) for k, v in trained.network.state_dict().items())
+    exported = save_exported(tmp_path / "new.safetensors", trained.cfg.model, weights, [str(i) for i in range(10)],
+                             EvalPreprocessing(32, 0.875, "bilinear", (0.0,) * 3, (1.0,) * 3), {})
+    with safe_open(str(exported), framework="pt") as f:
+        meta = f.metadata()
+    meta["model"] = json.dumps({**stored["model"], "fused_norm": "auto"})  # as an earlier export wrote it
+    save_file(load_file(str(exported)), str(tmp_path / "old.safetensors"), metadata=meta)
+    assert load_exported(tmp_path / "old.safetensors", form="training").config.norm_impl == old["norm_autograd"]
 
 
 def test_resume_auto_orders_by_phase_and_step_not_modification_time(tmp_path):

@@ -24,6 +24,8 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple, cast
 import torch
 from torch import nn
 
+from models.config import stored_model_config
+
 from .errors import StorageError
 
 #: Phases in run order; a checkpoint's phase is the prefix of its file name.
@@ -133,6 +135,9 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint of this tool: {reason}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool (no model/config entries)")
+    config = state["config"]
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):  # maybe written before a key was renamed
+        state["config"] = {**config, "model": stored_model_config(config["model"])}
     return state
 
 

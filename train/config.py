@@ -385,6 +385,10 @@ def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}")
 
 
+#: Keys that were renamed, with their successor (in the same section): a config using one gets a line naming it.
+RENAMED_KEYS = {"model.fused_norm": "model.norm_impl", "model.norm_autograd": "model.norm_impl"}
+
+
 def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
     """Build dataclass ``cls`` from a mapping, with an error naming ``prefix.key`` for anything wrong."""
     if not isinstance(raw, dict):
@@ -394,6 +398,9 @@ def check_section(cls: Type[T], raw: Dict[str, Any], prefix: str) -> T:
     values = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in RENAMED_KEYS:
+            new = RENAMED_KEYS[full]
+            raise ConfigError(f"{full} is now {new}: {_type_name(hints[new.rpartition('.')[2]])}")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
@@ -417,7 +424,7 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.2 scalars: ``1e-5`` (no dot) is a float, and only true/false are booleans.
 
     PyYAML follows YAML 1.1, where ``1e-5`` is a string and ``on``/``off``/``yes``/``no`` are booleans, which
-    breaks recipes (``lr: 1e-5``, ``fused_norm: on``).
+    breaks recipes (``lr: 1e-5`` would be a string, a bare ``off`` a boolean).
     """
 
 

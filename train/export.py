@@ -99,8 +99,9 @@ def load_trained(path: Path, overrides: List[str], weights: Optional[str] = None
     state = load_checkpoint(path)
     cfg = load_config(None, overrides, base=state["config"])
     # An export is built and verified on the CPU and must load on any device: the opt-in Triton kernels
-    # (model.fused_norm: on) are a training-time choice, not part of the model.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_norm="auto"))
+    # (model.norm_impl: triton) are a training-time choice, not part of the model.
+    if cfg.model.norm_impl == "triton":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm_impl="auto"))
     kind, chosen = checkpoint_weights(state, weights, path)
     network = EfficientNet(cfg.model)
     load_weights(network, {k: v.float() if v.is_floating_point() else v for k, v in chosen.items()}, path)

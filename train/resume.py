@@ -18,7 +18,7 @@ from .config import Config, ConfigError, config_to_dict
 #: Keys a resumed run may change: they do not change what it computes (patterns as in fnmatch).
 MAY_CHANGE = (
     "name", "data.path", "data.workers", "data.prefetch_factor", "data.pin_memory", "data.persistent_workers",
-    "data.jpeg_decoder", "data.skip_corrupt", "model.fused_norm", "model.norm_autograd",
+    "data.jpeg_decoder", "data.skip_corrupt", "model.norm_impl",
     "train.device", "train.channels_last", "train.compile", "train.compile_mode",
     "train.validate_every", "train.val_resolutions", "train.val_batch_size", "logging.*", "checkpoint.*",
     # IPU placement, memory and compiler settings; replicas and device iterations change the batch geometry.

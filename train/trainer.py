@@ -32,11 +32,10 @@ import torch.distributed as dist
 from data import DataConfig, ImageDataset, build_transform
 from data.seeding import derive_seed
 from data.worker_signals import stop_signals_deferred
-from models import build_model
 from models.measure import count_macs
 
 from .averaging import WeightAverage
-from .backends import Backend, make_backend, process_rank
+from .backends import Backend, build_network, make_backend, process_rank
 from .checkpoint import (
     CheckpointError,
     final_checkpoint_name,
@@ -165,7 +164,7 @@ class Trainer:
         self.run_dir = Path(_broadcast(str(run_dir or new_run_dir(cfg))))
         self.ckpt_dir = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)  # the initial weights, dropout and stochastic depth follow the seed
-        self.model = build_model(cfg.model)
+        self.model = build_network(cfg)
         if start_from is not None:
             load_weights(self.model, start_from, start_from_path or Path("<weights>"))
         # Per-image forward MACs at every resolution the run uses, for the cost report (measured on the host
@@ -185,6 +184,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> Dict[str, Any]:
         self._prepare_run_dir()
+        if self.is_main:
+            print(f"norm units: {self.model.norm_impl} (model.norm_impl: {self.cfg.model.norm_impl})", file=sys.stderr)
         state = self.resume
         position = Position(**state["position"]) if state else Position()
         if state:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from data import build_dataset, build_transform
-from models import build_model
 
-from .backends import TorchBackend
+from .backends import TorchBackend, build_network
 from .checkpoint import load_checkpoint, load_weights
 from .cli import run_guarded
 from .config import ConfigError, load_config
@@ -37,7 +36,7 @@ def sweep(checkpoint: Path, resolutions: List[int], overrides: List[str], device
     cfg = load_config(None, overrides + [f"train.device={device}", "precision.compute=fp32", "train.backend=torch",
                                          "train.compile=false", "train.compile_mode=default"],
                       base=state["config"])
-    model = build_model(cfg.model)
+    model = build_network(cfg)
     kind, chosen = checkpoint_weights(state, weights, checkpoint)
     load_weights(model, chosen, checkpoint)
     task = ClassificationTask(model, cfg.model.num_classes)

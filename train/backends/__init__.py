@@ -7,7 +7,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ipu_options.distributed import instance_index
-from models import param_groups
+from models import EfficientNet, build_model, param_groups
+from models.norms import NormImplError
 from models.splits import freeze_before
 
 from ..config import Config
@@ -16,12 +17,27 @@ from ..phases import Phase
 from ..task import ClassificationTask
 from .base import Backend, EvalStats, OptimizerFactory, StepStats
 from .ipu_backend import IPUBackend
-from .torch_backend import BackendError, TorchBackend
+from .torch_backend import BackendError, TorchBackend, pick_device
 
 
 def process_rank() -> int:
     """This process's rank: torch.distributed's, else the poprun instance index (0 outside both)."""
     return dist.get_rank() if dist.is_initialized() else instance_index()
+
+
+def model_target(cfg: Config) -> str:
+    """Where ``cfg``'s backend runs the model, what its norm units are built for: ``ipu``, or the torch device
+    type (``train.device: auto`` resolved)."""
+    return "ipu" if cfg.train.backend == "ipu" else pick_device(cfg.train.device).type
+
+
+def build_network(cfg: Config) -> EfficientNet:
+    """``cfg``'s model with its norm units built for where the backend runs it: ``model.norm_impl``'s ``auto`` is
+    resolved here, once; a ``norm_impl`` that cannot run there is a BackendError."""
+    try:
+        return build_model(cfg.model, model_target(cfg), cfg.train.compile)
+    except NormImplError as err:
+        raise BackendError(str(err)) from None
 
 
 def make_backend(cfg: Config, phase: Phase, model: nn.Module, *, offline: bool = False) -> Backend:
@@ -42,4 +58,4 @@ def make_backend(cfg: Config, phase: Phase, model: nn.Module, *, offline: bool =
 
 
 __all__ = ["Backend", "BackendError", "EvalStats", "IPUBackend", "OptimizerFactory", "StepStats", "TorchBackend",
-           "make_backend", "process_rank"]
+           "build_network", "make_backend", "model_target", "process_rank"]

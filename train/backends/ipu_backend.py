@@ -154,6 +154,10 @@ def _identity_loss(poptorch, loss: torch.Tensor) -> torch.Tensor:
 class IPUBackend(Backend):
     def __init__(self, cfg: Config, phase: Phase, task: ClassificationTask, make_optimizer: OptimizerFactory, *,
                  offline: bool = False) -> None:
+        built_for = getattr(task.model, "norm_impl", "modules")
+        if built_for != "modules":  # PopART differentiates the traced graph itself, never a custom backward
+            raise BackendError(f"the IPU runs the norm units as plain modules, but this model's are {built_for}: "
+                               "build it for the IPU (train.backends.build_network)")
         self.poptorch = import_poptorch()
         self.cfg, self.phase, self.offline = cfg, phase, offline
         plan = phase.ipu
