@@ -18,6 +18,7 @@ from test_inference_form import VARIANTS, trained_like
 from conftest import TINY_MODEL
 from fake_poptorch import install
 from models import ModelConfig, load_exported
+from numerics import fp_bound, summed_terms
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.cli import main as train_main
 from train.config import load_config
@@ -71,7 +72,8 @@ def test_safetensors_reloads_from_the_file_alone_with_identical_logits(checkpoin
         reference = classifier.normalize(images)
         assert torch.equal(exported.network(reference), trained.network(reference))
         folded = load_exported(out).network(reference)
-    assert float((folded - trained.network(reference)).abs().max() / folded.abs().max()) <= 1e-5
+    gap = float((folded - trained.network(reference)).abs().max() / folded.abs().max())
+    assert gap <= fp_bound(torch.float32, summed_terms(trained.network, reference))  # folding: tests/numerics.py
     assert exported.class_names[:3] == ["airplane", "automobile", "bird"]
     assert exported.preprocessing.resolution == 32 and exported.preprocessing.crop_pct == 0.875
     assert exported.metadata["weights"] == weights and exported.config.group_dim == 16
