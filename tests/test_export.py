@@ -18,6 +18,7 @@ from test_inference_form import VARIANTS, trained_like
 from conftest import TINY_MODEL
 from fake_poptorch import install
 from models import ModelConfig, load_exported
+from numerics import fp_bound, summed_terms
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.cli import main as train_main
 from train.config import load_config
@@ -71,7 +72,8 @@ def test_safetensors_reloads_from_the_file_alone_with_identical_logits(checkpoin
         reference = classifier.normalize(images)
         assert torch.equal(exported.network(reference), trained.network(reference))
         folded = load_exported(out).network(reference)
-    assert float((folded - trained.network(reference)).abs().max() / folded.abs().max()) <= 1e-5
+    gap = float((folded - trained.network(reference).detach()).abs().max() / folded.abs().max())
+    assert gap <= fp_bound(torch.float32, summed_terms(trained.network, reference))  # folding: tests/numerics.py
     assert exported.class_names[:3] == ["airplane", "automobile", "bird"]
     assert exported.preprocessing.resolution == 32 and exported.preprocessing.crop_pct == 0.875
     assert exported.metadata["weights"] == weights and exported.config.group_dim == 16
@@ -148,10 +150,14 @@ def test_onnx_cli_verifies_on_real_images_and_has_a_dynamic_batch(checkpoint, tm
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert feed.type == "tensor(uint8)" and feed.shape[1:] == [3, 48, 48] and isinstance(feed.shape[0], str)
-    images = validation_images(load_trained(checkpoint, []).cfg, 48, 5)[0].numpy()
+    trained = load_trained(checkpoint, [])
+    batch = validation_images(trained.cfg, 48, 5)[0]
+    images = batch.numpy()
     together = session.run(None, {"images": images})[0]
     alone = np.concatenate([session.run(None, {"images": images[i:i + 1]})[0] for i in range(5)])
-    assert together.shape == (5, 10) and np.allclose(together, alone, rtol=1e-5, atol=1e-5)
+    # a batch and its images one by one: the same sums in other orders (tests/numerics.py; the count needs shapes only)
+    bound = fp_bound(torch.float32, summed_terms(trained.network, batch.float()))
+    assert together.shape == (5, 10) and np.abs(together - alone).max() <= bound * np.abs(together).max()
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from conftest import assert_split_points_run_in_order
 from models import ModelConfig, build_model, inference_form, split_points
 from models.inference import NormSiLU
 from models.proxy_norm import ProxyNormActivation
+from numerics import fp_bound, summed_terms
 
 #: The issue's variants at full size, plus reduced ones whose first block has a residual (the stem's affine must
 #: then stay in the stem) and V2-S's stages.
@@ -64,7 +65,9 @@ def test_folded_form_matches_training_form_eval(variant):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference, got = model(images), folded(images)
-    assert relative_gap(reference, got) <= 1e-5
+    # Folding rounds each folded weight once more and may reorder the sums: as a sum of the same terms in another
+    # order (tests/numerics.py).
+    assert relative_gap(reference, got) <= fp_bound(torch.float32, summed_terms(model, images))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the trained model is untouched
 
 

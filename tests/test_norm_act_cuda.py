@@ -26,6 +26,7 @@ from test_norm_act import (
 from torch import nn
 
 from models import ModelConfig, build_model
+from numerics import fp_bound, summed_terms
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
@@ -59,11 +60,11 @@ def test_fp32_function_matches_the_modules_on_cuda(kind: str, norm: str, layout:
     outs, grads = run(lean, x, ups)
     ref_outs, ref_grads = run(ref, x, ups)
     for o, r in zip(outs, ref_outs):
-        assert o.is_cuda and o.dtype == r.dtype and rel_err(o, r) < 1e-5
+        assert o.is_cuda and o.dtype == r.dtype and rel_err(o, r) < fp_bound(torch.float32, summed_terms(ref, x))
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert grads[name] is not None and grads[name].is_cuda, name
-        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+        assert rel_err(grads[name], ref_grads[name]) < fp_bound(torch.float32, summed_terms(ref, x, True)), name
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -87,7 +88,8 @@ def test_bf16_autocast_on_cuda_is_as_close_to_fp32_as_the_modules(kind: str, lay
         outs, grads = run(lean, h, ups)
         mod_outs, mod_grads = run(ref, h, ups)
     assert outs[0].dtype == torch.bfloat16
-    assert_bf16_as_close_as_the_modules(outs, grads, mod_outs, mod_grads, ref32_outs, ref32_grads)
+    # CUDA's group norm takes one dtype: the Function's norm output is rounded to bf16 once more.
+    assert_bf16_as_close_as_the_modules(outs, grads, mod_outs, mod_grads, ref32_outs, ref32_grads, unit_roundings=1)
 
 
 def model_step(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -115,7 +117,7 @@ def test_a_model_on_the_function_matches_the_modules_on_cuda(norm: str, proxy: b
     x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     out, grads = model_step(lean, x)
     ref_out, ref_grads = model_step(plain, x)
-    assert rel_err(out, ref_out) < 1e-4
+    assert rel_err(out, ref_out) < fp_bound(torch.float32, summed_terms(plain, x))
     assert grads.keys() == ref_grads.keys() and len(grads) == len(list(lean.parameters()))
     for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-3, name
+        assert rel_err(grads[name], ref_grads[name]) < fp_bound(torch.float32, summed_terms(plain, x, True)), name
