@@ -1,7 +1,7 @@
 """Inference speed of model presets: ``python -m bench.inference --help``.
 
 For each preset and batch size, one process times the engines side by side: ``eager`` (the training form in eval
-mode, what validation runs), ``folded`` (the inference form of models/inference.py: proxy norm frozen, BatchNorm
+mode, what validation runs), ``folded`` (the inference form of models/folding.py: proxy norm frozen, BatchNorm
 and proxy-norm affines folded), ``compile`` (``torch.compile`` of the folded form), ``onnxruntime`` (the folded form
 exported as train.export does, in ONNX Runtime) and, with ``--compare-timm``, timm's ``efficientnet_b0`` and
 ``efficientnet_b0_gn`` in eager mode. Weights are random (speed does not depend on them); the input is one

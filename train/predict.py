@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data import DataError, Preprocessing
 from data.base import DECODE_ERRORS
 from models import ExportError, inference_form, load_exported
-from models.inference import EvalPreprocessing, ImageClassifier
+from models.exported_file import EvalPreprocessing, ImageClassifier
 
 from .checkpoint import CheckpointError
 from .cli import run_guarded
