@@ -4,7 +4,7 @@ The models: presets from configs/models/ (``--models``, random weights: speed do
 own trained ones, ``--checkpoint PATH`` and ``--model FILE`` (a safetensors export), each repeatable, timed with
 their own architecture and weights at their own eval resolution unless ``--resolution`` says otherwise. For each
 model and batch size, one process times the engines side by side: ``eager`` (the training form in eval
-mode, what validation runs), ``folded`` (the inference form of models/inference.py: proxy norm frozen, BatchNorm
+mode, what validation runs), ``folded`` (the inference form of models/folding.py: proxy norm frozen, BatchNorm
 and proxy-norm affines folded), ``compile`` (``torch.compile`` of the folded form), ``onnxruntime`` (the folded form
 exported as train.export does, in ONNX Runtime) and, with ``--compare-timm``, timm's ``efficientnet_b0`` and
 ``efficientnet_b0_gn`` in eager mode. The input is one normalised float batch made once on the device.

@@ -6,7 +6,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .efficientnet import EfficientNet, native_resolution, split_points, train_resolution
-from .inference import ExportedModel, ExportError, inference_form, load_exported
+from .exported_file import ExportedModel, ExportError, load_exported
+from .folding import inference_form
 from .norms import NORM_MODULES
 
 

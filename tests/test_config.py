@@ -63,6 +63,12 @@ def test_round_trip_through_plain_data():
     ("model.norm_autograd=modules", "model.norm_autograd is now model.norm_impl: one of 'auto', 'modules', "
                                     "'function', 'triton'"),
     ("train.resolution=huge", "train.resolution: 'huge' is not an integer or one of 'half' or null"),
+    ("train.epochs=true", "train.epochs: True is not an integer"),
+    ("train.val_resolutions=[224, x]", "train.val_resolutions[1]: 'x' is not an integer"),
+    ("optimizer.betas=[0.9]", "optimizer.betas: [0.9] is not a list of 2 values"),
+    ("train.progressive=3", "train.progressive: 3 is not a mapping with keys stages, start_resolution, mixup_alpha, "
+                            "dropout, randaugment or null"),
+    ("train.progressive.stages=1", "train.progressive.stages: 1 is below the minimum 2"),
     ("model", "--set 'model': expected section.key=value"),
     ("train.compile_mode=reduce-overhead", "train.compile_mode: 'reduce-overhead' takes effect only with "
                                            "train.compile: true"),

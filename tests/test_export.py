@@ -17,7 +17,7 @@ from test_inference_form import VARIANTS, trained_like
 
 from conftest import TINY_MODEL
 from fake_poptorch import install
-from models import ModelConfig, load_exported
+from models import ModelConfig, exported_file, load_exported
 from numerics import fp_bound, summed_terms
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.cli import main as train_main
@@ -249,13 +249,11 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path, capsys):
 
 def test_an_interrupted_export_is_one_line_and_130(checkpoint, tmp_path, capsys, monkeypatch):
     """Ctrl-C outside a training loop: exit 130 and one line, and no half-written file at --out."""
-    import models.inference as inference
-
     def interrupted(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "save_file", interrupted)
+    monkeypatch.setattr(exported_file, "save_file", interrupted)
     out = tmp_path / "exports" / "model.safetensors"
     capsys.readouterr()
     assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 130

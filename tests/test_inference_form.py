@@ -1,4 +1,4 @@
-"""The inference form (models/inference.py) computes the training form's eval output with proxy norm frozen and
+"""The inference form (models/folding.py) computes the training form's eval output with proxy norm frozen and
 BatchNorm / proxy-norm affines folded, for every norm variant and both block types."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import assert_split_points_run_in_order
 from models import ModelConfig, build_model, inference_form, split_points
-from models.inference import NormSiLU
+from models.folding import NormSiLU
 from models.proxy_norm import ProxyNormActivation
 from numerics import fp_bound, summed_terms
 

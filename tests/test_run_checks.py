@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_MODEL, needs_fashion
 from data.layout import infer_dataset
 from models import build_model, load_exported
-from models.inference import EvalPreprocessing, save_exported
+from models.exported_file import EvalPreprocessing, save_exported
 from train.checkpoint import candidates, load_checkpoint, save_checkpoint
 from train.config import ConfigError, config_to_dict, load_config
 from train.export import load_trained

@@ -7,8 +7,9 @@ partial file is removed. Temporary files left by a killed process are removed by
 at the next start. Loading uses ``weights_only=True``: checkpoints hold tensors and plain Python data only, so
 loading one cannot run code.
 
-Names are ``<phase>-step<N>.pt`` (every N steps, at epoch ends and on a stop) and ``<phase>-final.pt``; a run's
-checkpoints are ordered by (phase, step) from their names, never by modification time, which ``cp -r`` changes.
+Names are ``<phase>-step<N>.pt`` (every N steps, at epoch ends and on a stop), ``<phase>-final.pt`` and, with
+``checkpoint.keep_best``, ``<phase>-best.pt`` (never picked to resume from before the others); a run's checkpoints
+are ordered by (phase, step) from their names, never by modification time, which ``cp -r`` changes.
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def step_checkpoint_name(phase: str, step: int) -> str:
 
 def final_checkpoint_name(phase: str) -> str:
     return f"{phase}-final.pt"
+
+
+def best_checkpoint_name(phase: str) -> str:
+    """Where ``checkpoint.keep_best`` keeps a phase's best checkpoint (not a resume candidate before the others)."""
+    return f"{phase}-best.pt"
 
 
 def checkpoint_order(path: Path) -> Tuple[int, float]:

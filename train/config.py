@@ -20,7 +20,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
 
 import yaml
 
@@ -292,15 +292,23 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is Union:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, List):
+    if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (tuple, Tuple):
+    if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} values"
-    if origin in (dict, Dict):
-        return "a mapping"
     if dataclasses.is_dataclass(tp):
         return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+#: The YAML values each plain field type takes: a bool is not a number here, an int is a float.
+_ACCEPTS: Dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+}
 
 
 class _Mismatch(Exception):
@@ -308,65 +316,34 @@ class _Mismatch(Exception):
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
-    """``value`` converted to ``tp`` or :class:`_Mismatch` (the caller words the error)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
+    """``value`` converted to ``tp`` or :class:`_Mismatch` (the caller words the error). Items of lists and
+    sections are checked (and their errors worded) under their own keys."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        for option in typing.get_args(tp):
+        for option in args:
             try:
                 return _check_value(value, option, key)
             except _Mismatch:
                 continue
-        raise _Mismatch
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
+    elif origin is Literal:
+        if value in args and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and str(value) in typing.get_args(tp):
+        if isinstance(value, float) and str(value) in args:
             return str(value)  # a bare 16.32 in YAML is a number; the choice is the string "16.32"
-        raise _Mismatch
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return check_section(cast(type, tp), value, key)
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        (item,) = typing.get_args(tp)
-        return [_check_item(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        items = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise _Mismatch
-        return tuple(_check_item(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise _Mismatch
-        kt, vt = typing.get_args(tp)
-        return {_check_item(k, kt, key): _check_item(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{key}: {value!r} is not a finite number")
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return check_section(cast(type, tp), value, key)
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)) and (origin is list or len(value) == len(args)):
+            items = [_check_item(v, args[0] if origin is list else args[i], f"{key}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+    elif tp not in _ACCEPTS:
+        raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+    elif _ACCEPTS[tp](value):
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return float(value) if tp is float else value
+    raise _Mismatch
 
 
 def _check_item(value: Any, tp: Any, key: str) -> Any:

@@ -6,7 +6,7 @@ average, the EMA or the raw weights) and what is needed to use them (docs/infere
 - ``safetensors``: the weights (training form, so the file can also start a fine-tune) with the model config,
   class names and eval preprocessing in the metadata; :func:`models.load_exported` rebuilds the network from the
   file alone, without pickle.
-- ``onnx``: the inference form of the network (:func:`models.inference.inference_form`) at one resolution with a
+- ``onnx``: the inference form of the network (:func:`models.folding.inference_form`) at one resolution with a
   dynamic batch dimension; ``uint8`` NCHW pixels normalised inside the graph as in training, or already
   normalised ``float`` input. After the export, ONNX Runtime runs it on CPU on real images of the checkpoint's
   validation set and the figures against PyTorch's eval of the training form are printed.
@@ -38,7 +38,8 @@ from ipu_options.apply import build_options
 from ipu_options.pipeline import annotate_pipeline, prepare_precision
 from ipu_options.plan import IpuPhasePlan
 from models import EfficientNet
-from models.inference import EvalPreprocessing, ExportError, ImageClassifier, inference_form, save_exported
+from models.exported_file import EvalPreprocessing, ExportError, ImageClassifier, save_exported
+from models.folding import inference_form
 
 from .backends.ipu_backend import import_poptorch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data import DataError, Preprocessing
 from data.base import DECODE_ERRORS
 from models import ExportError, inference_form, load_exported
-from models.inference import EvalPreprocessing, ImageClassifier, Normalize
+from models.exported_file import EvalPreprocessing, ImageClassifier, Normalize
 
 from .checkpoint import CheckpointError
 from .cli import run_guarded

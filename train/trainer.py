@@ -35,9 +35,10 @@ from data.worker_signals import stop_signals_deferred
 from models.measure import count_macs
 
 from .averaging import WeightAverage
-from .backends import Backend, build_network, make_backend, process_rank
+from .backends import Backend, StepStats, build_network, make_backend, process_rank
 from .checkpoint import (
     CheckpointError,
+    best_checkpoint_name,
     final_checkpoint_name,
     load_checkpoint,
     load_weights,
@@ -49,10 +50,10 @@ from .checkpoint import (
 )
 from .config import Config, config_to_dict, to_yaml
 from .errors import Interrupted, NonFiniteLoss, StorageError
-from .logger import RunLogger
+from .logger import ProgressBar, RunLogger
 from .mixing import sample_mix
 from .optim import peak_lr
-from .phases import Phase
+from .phases import Phase, Stage
 from .run_plan import RunPlan
 from .schedule import lr_at
 from .stop import StopSignals
@@ -148,6 +149,39 @@ def _finite_weights(weights: Dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
 
 
+@dataclass
+class _PhaseRun:
+    """One phase on its backend and how long it runs: what the loop's helpers share."""
+
+    phase: Phase
+    backend: Backend
+    averages: Dict[str, WeightAverage]  # "epoch" (per-epoch average) and "ema" (per step), where enabled
+    calls: int  # host calls per epoch
+    steps_per_epoch: int
+    total: int  # optimizer steps of the phase
+
+
+class _Throughput:
+    """Images per second since the previous reading (the metric lines' ``images_per_s``)."""
+
+    def __init__(self) -> None:
+        self.images, self.since = 0, time.time()
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> float:
+        now = time.time()
+        rate = self.images / max(now - self.since, 1e-9)
+        self.images, self.since = 0, now
+        return rate
+
+
+def _trained(stats: StepStats) -> bool:
+    """The step was applied and its loss is finite (backends drop a step whose gradients are not)."""
+    return stats.applied and math.isfinite(stats.loss)
+
+
 class Trainer:
     """Runs the phases of one validated plan in one run folder, resuming from a checkpoint state if given.
 
@@ -176,6 +210,7 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.ledger = CheckpointLedger()
         self.stop = StopSignals()
+        self.clock = 0.0  # when the training time not yet added to Position.seconds began
 
     @property
     def is_main(self) -> bool:
@@ -206,45 +241,38 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         """Create the run folder and write ``config.yaml`` (rank 0); every rank learns whether that worked."""
-        error = None
-        if self.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-                self.ckpt_dir.mkdir(exist_ok=True)
-                for stale in remove_stale_temporaries(self.ckpt_dir):
-                    print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
-            except OSError as err:
-                error = (f"cannot write the run folder {self.run_dir}: {err.strerror or err}; set logging.run_dir "
-                         "to a writable folder")
-        error = _broadcast(error)
-        if error:
-            raise StorageError(error)
+        self._main_writes(self._write_run_dir, None)
+
+    def _write_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self.ckpt_dir.mkdir(exist_ok=True)
+            for stale in remove_stale_temporaries(self.ckpt_dir):
+                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+        except OSError as err:
+            raise StorageError(f"cannot write the run folder {self.run_dir}: {err.strerror or err}; set "
+                               "logging.run_dir to a writable folder") from None
 
     def run_phase(self, phase: Phase, pos: Position, state: Optional[Dict[str, Any]]) -> None:
-        backend, averages = self._start_phase(phase, state)
-        calls = backend.calls_per_epoch(self.train_set)
-        steps_per_epoch = calls * backend.steps_per_call
-        total = phase.epochs * steps_per_epoch
-        if phase.max_steps is not None:
-            total = min(total, phase.max_steps)
+        run = self._start_phase(phase, state)
         try:
-            if pos.pending_validation and pos.step < total:
-                self._validate(phase, backend, averages, pos, final=False)  # the one the checkpoint preceded
-            while pos.step < total:
-                self._train_epoch(phase, backend, averages, pos, calls, steps_per_epoch, total)
-                if pos.call >= calls:
-                    self._end_epoch(phase, backend, averages, pos, total)
-            self._save(phase, pos, backend, averages, final_checkpoint_name(phase.name), before_validation=True)
-            self._validate(phase, backend, averages, pos, final=True)
+            if pos.pending_validation and pos.step < run.total:
+                self._validate(run, pos, final=False)  # the one the checkpoint preceded
+            while pos.step < run.total:
+                self._train_epoch(run, pos)
+                if pos.call >= run.calls:
+                    self._end_epoch(run, pos)
+            self._save(run, pos, final_checkpoint_name(phase.name), before_validation=True)
+            self._validate(run, pos, final=True)
             self._report_cost(phase, pos)
-            if averages.get("epoch") and averages["epoch"].state:
+            if run.averages.get("epoch") and run.averages["epoch"].state:
                 # The next phase (and the final model) start from the averaged weights, as in the paper.
-                averages["epoch"].copy_to(self.model)
+                run.averages["epoch"].copy_to(self.model)
         finally:
-            backend.close()
+            run.backend.close()
 
-    def _start_phase(self, phase: Phase, state: Optional[Dict[str, Any]]) -> Tuple[Backend, Dict[str, WeightAverage]]:
+    def _start_phase(self, phase: Phase, state: Optional[Dict[str, Any]]) -> _PhaseRun:
         backend = make_backend(self.cfg, phase, self.model)
         averages = self._averages(phase, state)
         if state:
@@ -252,84 +280,119 @@ class Trainer:
             torch.set_rng_state(state["rng"]["torch"])
             if torch.cuda.is_available() and state["rng"].get("cuda"):
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return backend, averages
+        calls = backend.calls_per_epoch(self.train_set)
+        steps_per_epoch = calls * backend.steps_per_call
+        total = phase.epochs * steps_per_epoch
+        if phase.max_steps is not None:
+            total = min(total, phase.max_steps)
+        return _PhaseRun(phase, backend, averages, calls, steps_per_epoch, total)
 
-    def _train_epoch(self, phase: Phase, backend: Backend, averages: Dict[str, WeightAverage], pos: Position,
-                     calls: int, steps_per_epoch: int, total: int) -> None:
-        """Host calls from ``pos`` to the end of the epoch (or the phase), stopping on an agreed signal."""
-        cfg = self.cfg
-        stage = phase.stage(pos.epoch)
+    # ------------------------------------------------------------------------------------------ loop
+    def _train_epoch(self, run: _PhaseRun, pos: Position) -> None:
+        """Host calls from ``pos`` to the end of the epoch (or the phase): the step, its accounting, the
+        non-finite policy, the metric line, then the stop protocol and the step checkpoints."""
+        stage = run.phase.stage(pos.epoch)
+        peak = peak_lr(run.phase.optimizer, run.backend.global_batch)
+        bar = self._epoch_batches(run, stage, pos)
+        throughput = _Throughput()
+        self.clock = time.time()
+        for images, labels in bar:
+            lr = lr_at(pos.step, run.steps_per_epoch, run.total, peak, run.phase.schedule)
+            stats = self._step(run, stage, pos, images, labels, lr)
+            throughput.add(self._count(run, stage, pos, stats))
+            self._apply_nonfinite_policy(run, pos, stats)
+            if pos.step % self.cfg.logging.log_every == 0 or pos.step >= run.total:
+                self._log_step(run, stage, pos, lr, stats, throughput.read(), bar)
+            self._stop_or_checkpoint(run, pos)
+            if pos.step >= run.total:
+                break
+        self._add_training_time(pos)
+
+    def _epoch_batches(self, run: _PhaseRun, stage: Stage, pos: Position) -> ProgressBar:
+        """This process's remaining host calls of the epoch behind the progress bar, with the stage's dropout
+        and transform (resolution, RandAugment)."""
         if stage.dropout is not None:
             self.model.dropout.p = stage.dropout
         train_set = self.train_set.with_transform(
-            build_transform(phase.preprocessing, stage.resolution, cfg.data, stage.randaugment))
-        mixing = stage.mixup_alpha > 0 or phase.cutmix_lambda is not None
-        peak = peak_lr(phase.optimizer, backend.global_batch)
+            build_transform(run.phase.preprocessing, stage.resolution, self.cfg.data, stage.randaugment))
         with stop_signals_deferred():
-            batches: Iterator = iter(backend.train_loader(train_set, seed=cfg.train.seed, epoch=pos.epoch,
-                                                          start_call=pos.call))
-        bar = self.logger.progress(batches, total=calls - pos.call, desc=f"{phase.name} epoch {pos.epoch}")
-        started = window_start = time.time()
-        window_images = 0
-        for images, labels in bar:
-            lr = lr_at(pos.step, steps_per_epoch, total, peak, phase.schedule)
-            backend.set_lr(lr)
-            mix = self._mix(phase, stage.mixup_alpha, backend, pos.step) if mixing else None
-            stats = backend.train_call(images, labels, mix)
-            pos.step += stats.steps
-            pos.call += 1
-            seen = stats.samples * backend.world_size
-            pos.images += seen
-            pos.forward_macs += seen * self.macs[stage.resolution]
-            window_images += seen
-            if stats.applied and math.isfinite(stats.loss):
-                pos.nonfinite_streak = 0
-                self.ledger.step_was_finite()
-                if averages.get("ema"):
-                    averages["ema"].update(backend.host_model())
-            else:
-                self._nonfinite_step(phase, pos, stats.loss, stats.grad_norm)
-            if pos.step % cfg.logging.log_every == 0 or pos.step >= total:
-                now = time.time()
-                img_s = window_images / max(now - window_start, 1e-9)
-                window_images, window_start = 0, now
-                metrics: Dict[str, Any] = {
-                    "phase": phase.name, "phase_step": pos.step, "epoch": pos.epoch, "resolution": stage.resolution,
-                    "lr": lr, "images_per_s": img_s, "images": pos.images, "train/nonfinite_steps": pos.nonfinite_steps}
-                if stats.applied and math.isfinite(stats.loss):
-                    metrics.update({"train/loss": stats.loss, "train/acc": stats.top1 / stats.samples})
-                    if stats.grad_norm is not None:
-                        metrics["train/grad_norm"] = stats.grad_norm
-                metrics.update(backend.log_metrics())
-                self.logger.log(metrics, step=self._global_step(pos))
-                bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.top1 / stats.samples:.3f}",
-                                lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-            stopping = backend.any_process(self.stop.requested)
-            every = cfg.checkpoint.every_steps
-            if stopping or (every and pos.step % every == 0 and pos.step < total):
-                pos.seconds += time.time() - started
-                started = time.time()
-                self._save(phase, pos, backend, averages, step_checkpoint_name(phase.name, pos.step))
-            if stopping:
-                raise self._interrupted(phase, pos)
-            if pos.step >= total:
-                break
-        pos.seconds += time.time() - started
+            batches: Iterator = iter(run.backend.train_loader(train_set, seed=self.cfg.train.seed, epoch=pos.epoch,
+                                                              start_call=pos.call))
+        return self.logger.progress(batches, total=run.calls - pos.call, desc=f"{run.phase.name} epoch {pos.epoch}")
 
-    def _end_epoch(self, phase: Phase, backend: Backend, averages: Dict[str, WeightAverage], pos: Position,
-                   total: int) -> None:
+    def _step(self, run: _PhaseRun, stage: Stage, pos: Position, images: torch.Tensor, labels: torch.Tensor,
+              lr: float) -> StepStats:
+        """One host call: the scheduled learning rate, the step's mixup/CutMix draw, the update."""
+        run.backend.set_lr(lr)
+        mixing = stage.mixup_alpha > 0 or run.phase.cutmix_lambda is not None
+        mix = self._mix(run, stage.mixup_alpha, pos.step) if mixing else None
+        return run.backend.train_call(images, labels, mix)
+
+    def _count(self, run: _PhaseRun, stage: Stage, pos: Position, stats: StepStats) -> int:
+        """Move ``pos`` past one host call (steps, calls, images, forward MACs); returns the images, all processes."""
+        pos.step += stats.steps
+        pos.call += 1
+        images = stats.samples * run.backend.world_size
+        pos.images += images
+        pos.forward_macs += images * self.macs[stage.resolution]
+        return images
+
+    def _apply_nonfinite_policy(self, run: _PhaseRun, pos: Position, stats: StepStats) -> None:
+        """A finite step vouches for the pending checkpoints and feeds the per-step EMA; any other was dropped
+        and goes to ``train.nonfinite`` (:meth:`_nonfinite_step`)."""
+        if _trained(stats):
+            pos.nonfinite_streak = 0
+            self.ledger.step_was_finite()
+            if run.averages.get("ema"):
+                run.averages["ema"].update(run.backend.host_model())
+        else:
+            self._nonfinite_step(run.phase, pos, stats.loss, stats.grad_norm)
+
+    def _log_step(self, run: _PhaseRun, stage: Stage, pos: Position, lr: float, stats: StepStats,
+                  images_per_s: float, bar: ProgressBar) -> None:
+        """One metric line (metrics.jsonl, W&B) and the bar's figures."""
+        metrics: Dict[str, Any] = {
+            "phase": run.phase.name, "phase_step": pos.step, "epoch": pos.epoch, "resolution": stage.resolution,
+            "lr": lr, "images_per_s": images_per_s, "images": pos.images, "train/nonfinite_steps": pos.nonfinite_steps}
+        if _trained(stats):
+            metrics.update({"train/loss": stats.loss, "train/acc": stats.top1 / stats.samples})
+            if stats.grad_norm is not None:
+                metrics["train/grad_norm"] = stats.grad_norm
+        metrics.update(run.backend.log_metrics())
+        self.logger.log(metrics, step=self._global_step(pos))
+        bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.top1 / stats.samples:.3f}", lr=f"{lr:.2e}",
+                        img_s=f"{images_per_s:.0f}")
+
+    def _stop_or_checkpoint(self, run: _PhaseRun, pos: Position) -> None:
+        """After every host call the processes agree whether to stop (train/stop.py). A stop, and every
+        ``checkpoint.every_steps`` steps, writes a checkpoint; a stop then ends the run (exit code 130)."""
+        stopping = run.backend.any_process(self.stop.requested)
+        every = self.cfg.checkpoint.every_steps
+        if stopping or (every and pos.step % every == 0 and pos.step < run.total):
+            self._add_training_time(pos)
+            self._save(run, pos, step_checkpoint_name(run.phase.name, pos.step))
+        if stopping:
+            raise self._interrupted(run.phase, pos)
+
+    def _add_training_time(self, pos: Position) -> None:
+        """Add the time since :attr:`clock` to ``pos.seconds`` (checkpoints written in between count, validation
+        does not) and restart the clock."""
+        now = time.time()
+        pos.seconds += now - self.clock
+        self.clock = now
+
+    def _end_epoch(self, run: _PhaseRun, pos: Position) -> None:
         cfg = self.cfg
         pos.epoch, pos.call = pos.epoch + 1, 0
-        if averages.get("epoch"):
-            averages["epoch"].update(backend.host_model())
-        if pos.step >= total:
+        if run.averages.get("epoch"):
+            run.averages["epoch"].update(run.backend.host_model())
+        if pos.step >= run.total:
             return  # the phase's end saves and validates
         validate = pos.epoch % cfg.train.validate_every == 0
         if validate or pos.epoch % cfg.checkpoint.every_epochs == 0:
-            self._save(phase, pos, backend, averages, step_checkpoint_name(phase.name, pos.step),
-                       before_validation=validate)
+            self._save(run, pos, step_checkpoint_name(run.phase.name, pos.step), before_validation=validate)
         if validate:
-            self._validate(phase, backend, averages, pos, final=False)
+            self._validate(run, pos, final=False)
 
     # --------------------------------------------------------------------------------- failure paths
     def _nonfinite_step(self, phase: Phase, pos: Position, loss: float, grad_norm: Optional[float]) -> None:
@@ -381,17 +444,18 @@ class Trainer:
                     out[key].load_state_dict(state["averages"][key])
         return out
 
-    def _mix(self, phase: Phase, alpha: float, backend: Backend, step: int) -> torch.Tensor:
+    def _mix(self, run: _PhaseRun, alpha: float, step: int) -> torch.Tensor:
         # Seeded by (seed, rank, phase, step): a resumed run draws exactly what the uninterrupted one did.
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.rank, self.phases.index(phase), step))
-        return torch.cat([sample_mix(phase.micro_batch_size, alpha, phase.cutmix_lambda, gen)
-                          for _ in range(backend.micro_batches_per_call)])
+        phase_index = self.phases.index(run.phase)
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.rank, phase_index, step))
+        return torch.cat([sample_mix(run.phase.micro_batch_size, alpha, run.phase.cutmix_lambda, gen)
+                          for _ in range(run.backend.micro_batches_per_call)])
 
-    def _validate(self, phase: Phase, backend: Backend, averages: Dict[str, WeightAverage], pos: Position,
-                  final: bool) -> None:
+    def _validate(self, run: _PhaseRun, pos: Position, final: bool) -> None:
+        phase, backend = run.phase, run.backend
         weights: Dict[str, Optional[Dict[str, torch.Tensor]]] = {"": None}
         if final:
-            weights.update({f"{k}_avg/": avg.state_dict() for k, avg in averages.items() if avg.state})
+            weights.update({f"{k}_avg/": avg.state_dict() for k, avg in run.averages.items() if avg.state})
         metrics: Dict[str, Any] = {"phase": phase.name, "phase_step": pos.step, "epoch": pos.epoch}
         current = ({k: v.detach().clone() for k, v in backend.host_model().state_dict().items()} if len(weights) > 1
                    else None)
@@ -408,31 +472,28 @@ class Trainer:
         if current is not None:
             backend.set_weights(current)
         self.logger.log(metrics, step=self._global_step(pos))
-        self._keep_best(phase, backend, metrics)
+        self._keep_best(run, metrics)
         if final:
             self.results.update({f"{phase.name}/{k}": v for k, v in metrics.items() if k.startswith("val/")})
             if self.is_main:
                 shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/") and "/loss" not in k}
                 print(json.dumps({"phase": phase.name, **shown}), flush=True)
 
-    def _keep_best(self, phase: Phase, backend: Backend, metrics: Dict[str, Any]) -> None:
+    def _keep_best(self, run: _PhaseRun, metrics: Dict[str, Any]) -> None:
         """``checkpoint.keep_best``: the checkpoint written before this validation becomes ``<phase>-best.pt`` when
         its top-1 beats the phase's best so far (kept in the results, so a resume knows it)."""
+        phase = run.phase
         key = f"val/top1@{phase.val_resolutions[0]}"
         best = f"{phase.name}/best/{key}"
-        if not self.cfg.checkpoint.keep_best or self.last_checkpoint is None:
+        scored = self.last_checkpoint
+        if not self.cfg.checkpoint.keep_best or scored is None:
             return
         if metrics[key] <= self.results.get(best, -1.0):
             return
         self.results.update({best: metrics[key], f"{phase.name}/best/phase_step": metrics["phase_step"]})
-        error = ""
-        if self.is_main:
-            try:
-                save_checkpoint(load_checkpoint(self.last_checkpoint), self.ckpt_dir / best_checkpoint_name(phase.name))
-            except (StorageError, CheckpointError) as err:  # every rank must hear of it, or the others wait
-                error = str(err)
-        if backend.any_process(bool(error)):
-            raise StorageError(error or "process 0 could not write the best checkpoint; see its error")
+        self._main_writes(
+            lambda: save_checkpoint(load_checkpoint(scored), self.ckpt_dir / best_checkpoint_name(phase.name)),
+            run.backend, "process 0 could not write the best checkpoint; see its error")
 
     def _log_weights(self) -> None:
         """Each phase's final and best checkpoint as versions of one W&B ``model`` artifact per phase."""
@@ -444,13 +505,13 @@ class Trainer:
                     self.logger.log_artifact(self.ckpt_dir / name, f"{self.cfg.name}-{phase.name}", "model", [alias],
                                              {"checkpoint": name, **scores})
 
-    def _save(self, phase: Phase, pos: Position, backend: Backend, averages: Dict[str, WeightAverage],
-              name: str, before_validation: bool = False) -> None:
+    def _save(self, run: _PhaseRun, pos: Position, name: str, before_validation: bool = False) -> None:
         """Write a checkpoint (rank 0) that every process then knows by name; any failure stops every process."""
+        phase, backend = run.phase, run.backend
         state: Dict[str, Any] = {
             "model": backend.host_model().state_dict(),
             "backend": backend.state_dict(),
-            "averages": {k: a.state_dict() for k, a in averages.items()},
+            "averages": {k: a.state_dict() for k, a in run.averages.items()},
             "position": dataclasses.asdict(dataclasses.replace(pos, pending_validation=before_validation)),
             "phase_name": phase.name,
             "phases": [p.name for p in self.phases],
@@ -462,20 +523,36 @@ class Trainer:
             "wandb_id": self.logger.wandb_id,
         }
         path = self.ckpt_dir / name
-        error = ""
-        if self.is_main:
-            if not _finite_weights(state["model"]):
-                raise NonFiniteLoss(f"the weights are not finite at step {pos.step} of phase {phase.name!r}; "
-                                    f"{path} was not written. Last checkpoint that trains: {self.ledger.good}")
-            try:
-                save_checkpoint(state, path)
-                prune(self.ckpt_dir, phase.name, self.cfg.checkpoint.keep, protect=self.ledger.good)
-            except StorageError as err:
-                error = str(err)
-        if backend.any_process(bool(error)):  # also the barrier: nobody runs ahead of the write
-            raise StorageError(error or f"process 0 could not write checkpoint {path}; see its error")
+        if self.is_main and not _finite_weights(state["model"]):
+            raise NonFiniteLoss(f"the weights are not finite at step {pos.step} of phase {phase.name!r}; "
+                                f"{path} was not written. Last checkpoint that trains: {self.ledger.good}")
+
+        def write() -> None:
+            save_checkpoint(state, path)
+            prune(self.ckpt_dir, phase.name, self.cfg.checkpoint.keep, protect=self.ledger.good)
+
+        self._main_writes(write, backend, f"process 0 could not write checkpoint {path}; see its error")
         self.last_checkpoint = path
         self.ledger.written(path)
+
+    def _main_writes(self, write: Callable[[], Any], backend: Optional[Backend], failure: str = "") -> None:
+        """Rank 0 writes, every rank agrees on the error: ``write`` runs on the main process only, and a
+        :class:`StorageError` (or :class:`CheckpointError`) there stops every process, so none waits for one that
+        stopped. The agreement is also the barrier: nobody runs ahead of the write. Through ``backend`` the other
+        processes raise ``failure``; before there is a backend (None), torch.distributed hands them the main
+        process's own message."""
+        error = ""
+        if self.is_main:
+            try:
+                write()
+            except (StorageError, CheckpointError) as err:
+                error = str(err)
+        if backend is None:
+            error = _broadcast(error)
+        elif backend.any_process(bool(error)):
+            error = error or failure
+        if error:
+            raise StorageError(error)
 
 
 def resume_state(path: Path) -> Dict[str, Any]:
@@ -497,11 +574,6 @@ def run_dirs_named(root: Path, name: str) -> List[Path]:
     and ``...-<n>``, not the folders of another name that starts with ``name-`` (``gn`` and ``gn-half``)."""
     own = re.compile(re.escape(name) + r"-\d{8}-\d{6}(-\d+)?")
     return sorted(p for p in root.glob(f"{name}-*") if own.fullmatch(p.name)) if root.is_dir() else []
-
-
-def best_checkpoint_name(phase: str) -> str:
-    """Where ``checkpoint.keep_best`` keeps a phase's best checkpoint (not a resume candidate before the others)."""
-    return f"{phase}-best.pt"
 
 
 def start_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The inference form of a trained EfficientNet, and the weights file that rebuilds it (docs/inference.md).
+"""The inference form of a trained EfficientNet: BatchNorm and proxy norm folded away (docs/inference.md).
 
 :func:`inference_form` turns a trained network (any variant: BatchNorm, GroupNorm, LayerNorm + proxy norm) into a
 network that computes the same eval-mode function with less work, built from the trained modules' parameters and
@@ -23,42 +23,23 @@ buffers alone (their state-dict keys are the contract; the training modules are 
 
 GroupNorm and LayerNorm still compute per-sample statistics at inference (one reduction over each sample's
 activation per norm, then the normalising pass); unlike BatchNorm they cannot fold into a conv. docs/inference.md
-has the measured cost.
-
-The weights file (:func:`save_exported` / :func:`load_exported`) is safetensors: the training form's state dict
-(the stable key contract, so the file can also start a fine-tune), with the model config, class names and eval
-preprocessing as JSON in its metadata. Loading runs no pickle and needs no training code.
+has the measured cost. The weights file that rebuilds this form is :mod:`models.exported_file`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig, stored_model_config
 from .efficientnet import EfficientNet, FusedMBConv, MBConv, SqueezeExcite
 from .layout import channel_view
 from .norms import NormAct, ScaleOnlyNorm
 from .proxy_norm import ProxyNormActivation
-
-#: ``format`` entry of the metadata; bumped when the file's layout changes.
-EXPORT_FORMAT = "efficientnet-ipu-weights/1"
-Interpolation = Literal["bilinear", "bicubic"]
-
-
-class ExportError(ValueError):
-    """An exported file that cannot be read or does not describe a model of this project; names the file."""
 
 
 # ------------------------------------------------------------------------------------------- building blocks
@@ -214,7 +195,7 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.padding == (0, 0)
 
 
-def _absorb(conv: nn.Conv2d, affine: Optional[ProxyAffine]) -> Optional[torch.Tensor]:
+def _fold_affine_into(conv: nn.Conv2d, affine: Optional[ProxyAffine]) -> Optional[torch.Tensor]:
     """Fold a producer's proxy-norm affine into ``conv`` (the input's only consumer) as far as it is exact: the
     scale always; the shift only into a 1x1 conv without padding. Returns the mean the producer must still
     subtract (None when nothing is left)."""
@@ -277,7 +258,7 @@ def _projection_norm(norm: nn.Module, conv: nn.Conv2d) -> nn.Module:
     return _norm(norm, conv)
 
 
-def _explicit(norm: nn.Module, affine: Optional[ProxyAffine]) -> NormSiLU:
+def _norm_silu_with_affine(norm: nn.Module, affine: Optional[ProxyAffine]) -> NormSiLU:
     """Norm + swish applying the whole proxy-norm affine itself (its output has more than one consumer)."""
     if affine is None:
         return NormSiLU(norm)
@@ -286,8 +267,9 @@ def _explicit(norm: nn.Module, affine: Optional[ProxyAffine]) -> NormSiLU:
     return NormSiLU(norm, scale=affine.scale, shift=-affine.mean * affine.scale)
 
 
-def _centring(norm: nn.Module, left: Optional[torch.Tensor]) -> NormSiLU:
-    return NormSiLU(norm, shift=None if left is None else -left)
+def _norm_silu_minus_mean(norm: nn.Module, mean_left: Optional[torch.Tensor]) -> NormSiLU:
+    """Norm + swish, then minus the proxy-norm mean its consumer could not take (it took the scale)."""
+    return NormSiLU(norm, shift=None if mean_left is None else -mean_left)
 
 
 def _mbconv(block: MBConv, incoming: Optional[ProxyAffine]) -> Tuple[InferenceMBConv, Optional[torch.Tensor]]:
@@ -297,11 +279,11 @@ def _mbconv(block: MBConv, incoming: Optional[ProxyAffine]) -> Tuple[InferenceMB
     conv_pw = act1 = None
     if block.expands:
         conv_pw = _copy_conv(block.conv_pw)
-        left = _absorb(conv_pw, incoming)
+        mean_left = _fold_affine_into(conv_pw, incoming)
         norm1, affine1 = _norm_act(block.norm1, conv_pw)
-        act1 = _centring(norm1, _absorb(conv_dw, affine1))
+        act1 = _norm_silu_minus_mean(norm1, _fold_affine_into(conv_dw, affine1))
     else:
-        left = _absorb(conv_dw, incoming)
+        mean_left = _fold_affine_into(conv_dw, incoming)
     norm2, affine2 = _norm_act(block.norm2, conv_dw)
     se = copy.deepcopy(block.se).float().requires_grad_(False)
     conv_pwl = _copy_conv(block.conv_pwl)
@@ -309,27 +291,28 @@ def _mbconv(block: MBConv, incoming: Optional[ProxyAffine]) -> Tuple[InferenceMB
     if affine2 is not None:
         # The SE branch sees mean(a - m): its first 1x1 conv takes the -m. The projection sees (a - m) * gate * s:
         # it takes s, and the -m times the per-sample gate becomes a per-sample bias.
-        _absorb(se.fc1, ProxyAffine(affine2.mean, None))
+        _fold_affine_into(se.fc1, ProxyAffine(affine2.mean, None))
         assert affine2.scale is not None  # deferred_scale mode
         _scale_inputs(conv_pwl, affine2.scale)
         correction = (conv_pwl.weight.double()[:, :, 0, 0] * affine2.mean.double()[None, :]).float()
     norm3 = _projection_norm(block.norm3, conv_pwl)
     return InferenceMBConv(conv_pw, act1, conv_dw, NormSiLU(norm2), se, conv_pwl, correction, norm3,
-                           block.has_residual), left
+                           block.has_residual), mean_left
 
 
 def _fused(block: FusedMBConv,
            incoming: Optional[ProxyAffine]) -> Tuple[InferenceFusedMBConv, Optional[torch.Tensor]]:
     """As :func:`_mbconv`, for a Fused-MBConv block."""
     conv_fused = _copy_conv(block.conv_fused)
-    left = _absorb(conv_fused, incoming)
+    mean_left = _fold_affine_into(conv_fused, incoming)
     norm1, affine1 = _norm_act(block.norm1, conv_fused)
     if not block.projects:
-        return InferenceFusedMBConv(conv_fused, _explicit(norm1, affine1), None, None, block.has_residual), left
+        act1 = _norm_silu_with_affine(norm1, affine1)
+        return InferenceFusedMBConv(conv_fused, act1, None, None, block.has_residual), mean_left
     conv_pwl = _copy_conv(block.conv_pwl)
-    act1 = _centring(norm1, _absorb(conv_pwl, affine1))
+    act1 = _norm_silu_minus_mean(norm1, _fold_affine_into(conv_pwl, affine1))
     norm3 = _projection_norm(block.norm3, conv_pwl)
-    return InferenceFusedMBConv(conv_fused, act1, conv_pwl, norm3, block.has_residual), left
+    return InferenceFusedMBConv(conv_fused, act1, conv_pwl, norm3, block.has_residual), mean_left
 
 
 def _block(block: nn.Module, incoming: Optional[ProxyAffine] = None) -> Tuple[nn.Module, Optional[torch.Tensor]]:
@@ -349,11 +332,11 @@ def inference_form(model: EfficientNet) -> InferenceEfficientNet:
     stem_norm, stem_affine = _norm_act(parts["stem.norm"], stem_conv)
     stages = [list(stage.children()) for stage in model.blocks.children()]
     first_block = stages[0][0]
-    stem_act = _explicit(stem_norm, stem_affine)
+    stem_act = _norm_silu_with_affine(stem_norm, stem_affine)
     if stem_affine is not None and not first_block.has_residual:
         # The first block is the stem output's only consumer: it takes what it can of the affine.
-        first, left = _block(first_block, stem_affine)
-        stem_act = _centring(stem_norm, left)
+        first, mean_left = _block(first_block, stem_affine)
+        stem_act = _norm_silu_minus_mean(stem_norm, mean_left)
     else:
         first, _ = _block(first_block)
     stem = nn.Sequential()
@@ -375,136 +358,3 @@ def inference_form(model: EfficientNet) -> InferenceEfficientNet:
             bias = bias - model.classifier.weight.double() @ head_affine.mean.double()
         classifier.bias.copy_(bias)
     return InferenceEfficientNet(stem, blocks, head, classifier.requires_grad_(False)).eval()
-
-
-# ------------------------------------------------------------------------------------------------- images in
-@dataclass(frozen=True)
-class EvalPreprocessing:
-    """How images reach the network: resize the shorter side to ``floor(resolution / crop_pct)`` with
-    ``interpolation``, keep the centre ``resolution`` square, then ``(pixel - mean) / std`` in 0..255 units."""
-
-    resolution: int
-    crop_pct: float
-    interpolation: Interpolation
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel of 0..255 pixels (uint8 or float), as the trainer does on the device."""
-
-    mean: torch.Tensor
-    inv_std: torch.Tensor
-
-    def __init__(self, mean: Tuple[float, ...], std: Tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) * self.inv_std
-
-
-class ImageClassifier(nn.Module):
-    """Pixels (0..255, uint8 or float) in, logits out: the normalisation then ``network``. It is not folded
-    into the stem conv, which is zero-padded (the same border argument as in the module docstring)."""
-
-    def __init__(self, network: nn.Module, preprocessing: EvalPreprocessing, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.normalize = Normalize(preprocessing.mean, preprocessing.std)
-        self.network = network
-        self.dtype = dtype
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(images).to(self.dtype))
-
-
-# ----------------------------------------------------------------------------------------- the weights file
-@dataclass
-class ExportedModel:
-    """What :func:`load_exported` gives back: the network and everything needed to feed it."""
-
-    network: nn.Module  # inference form (or training form, on request), eval mode, normalised float input
-    config: ModelConfig
-    class_names: List[str]
-    preprocessing: EvalPreprocessing
-    metadata: Dict[str, Any]  # the rest: weights kind, source checkpoint, phase, step
-
-    def classifier(self) -> ImageClassifier:
-        """The network behind the normalisation: uint8 (or 0..255 float) images in, logits out."""
-        return ImageClassifier(self.network, self.preprocessing).eval()
-
-
-def save_exported(path: Path, model_cfg: ModelConfig, state: Dict[str, torch.Tensor], class_names: List[str],
-                  preprocessing: EvalPreprocessing, info: Dict[str, Any]) -> Path:
-    """Write the training-form weights ``state`` (fp32) with the config, classes and preprocessing as metadata."""
-    if len(class_names) != model_cfg.num_classes:
-        raise ExportError(f"{len(class_names)} class names for a model with model.num_classes "
-                          f"{model_cfg.num_classes}")
-    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
-               for k, v in state.items()}
-    metadata = {"format": EXPORT_FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg)),
-                "class_names": json.dumps(list(class_names)),
-                "preprocessing": json.dumps(dataclasses.asdict(preprocessing)), "info": json.dumps(info)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # never a truncated file at ``path``
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
-def _metadata(path: Path) -> Dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-    except (OSError, SafetensorError) as err:
-        raise ExportError(f"exported model {path} is not a readable safetensors file: {err}") from None
-    if not meta or meta.get("format") != EXPORT_FORMAT:
-        found = meta.get("format") if meta else None
-        raise ExportError(f"exported model {path} was not written by train.export (format {found!r}, expected "
-                          f"{EXPORT_FORMAT!r})")
-    return meta
-
-
-def _model_config(raw: Any, path: Path) -> ModelConfig:
-    raw = stored_model_config(raw) if isinstance(raw, dict) else raw
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    if not isinstance(raw, dict) or set(raw) - known:
-        extra = sorted(set(raw) - known) if isinstance(raw, dict) else raw
-        raise ExportError(f"exported model {path}: its model config has keys this version does not know: {extra}")
-    cfg = ModelConfig(**raw)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise ExportError(f"exported model {path}: {err}") from None
-    return cfg
-
-
-def load_exported(path: Union[str, Path], form: Literal["inference", "training"] = "inference") -> ExportedModel:
-    """Rebuild the network of a file written by ``python -m train.export --format safetensors``, from that file
-    alone: the inference form (default) or, for fine-tuning, the training form. No pickle is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"exported model {path} does not exist")
-    meta = _metadata(path)
-    try:
-        cfg = _model_config(json.loads(meta["model"]), path)
-        class_names = [str(c) for c in json.loads(meta["class_names"])]
-        pre = json.loads(meta["preprocessing"])
-        preprocessing = EvalPreprocessing(int(pre["resolution"]), float(pre["crop_pct"]), pre["interpolation"],
-                                          tuple(pre["mean"]), tuple(pre["std"]))
-        info = json.loads(meta.get("info", "{}"))
-        weights = load_file(str(path))
-    except (KeyError, TypeError, ValueError, SafetensorError) as err:
-        raise ExportError(f"exported model {path} is damaged: {type(err).__name__}: {err}") from None
-    network = EfficientNet(cfg)
-    own = network.state_dict()
-    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
-        raise ExportError(f"exported model {path}: its weights do not fit the {cfg.name} its metadata describes")
-    network.load_state_dict(weights)
-    network.eval()
-    out = inference_form(network) if form == "inference" else network
-    return ExportedModel(out, cfg, class_names, preprocessing, info)
