@@ -91,6 +91,13 @@ class ExportedModel:
         return ImageClassifier(self.network, self.preprocessing).eval()
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; both calls are immediate)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_exported(path: Path, model_cfg: ModelConfig, state: Dict[str, torch.Tensor], class_names: List[str],
                   preprocessing: EvalPreprocessing, info: Dict[str, Any]) -> Path:
     """Write the training-form weights ``state`` (fp32) with the config, classes and preprocessing as metadata."""
@@ -106,6 +113,7 @@ def save_exported(path: Path, model_cfg: ModelConfig, state: Dict[str, torch.Ten
     partial = path.with_name(path.name + ".partial")  # never a truncated file at ``path``
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates it owner-only; files follow the umask
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ real CIFAR-10 JPEGs for every norm variant, the PopEF path against the strict Po
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from test_inference_form import VARIANTS, trained_like
 
 from conftest import TINY_MODEL
 from fake_poptorch import install
-from models import ModelConfig, exported_file, load_exported
+from models import ModelConfig, build_model, exported_file, load_exported
 from numerics import fp_bound, summed_terms
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.cli import main as train_main
@@ -260,3 +261,20 @@ def test_an_interrupted_export_is_one_line_and_130(checkpoint, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err
     assert list(out.parent.iterdir()) == [], "neither the partial file nor anything at --out"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_and_exports_follow_the_umask(tmp_path, umask):
+    """Files a run hands to people get the mode the user's umask gives (safetensors and mkstemp create them
+    owner-only)."""
+    cfg = load_config(None, TINY_MODEL + ["model.num_classes=3"]).model
+    pre = exported_file.EvalPreprocessing(32, 0.875, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    old = os.umask(umask)
+    try:
+        checkpoint = save_checkpoint({"x": torch.zeros(2)}, tmp_path / "c.pt")
+        export = exported_file.save_exported(tmp_path / "m.safetensors", cfg, build_model(cfg).state_dict(),
+                                             ["a", "b", "c"], pre, {})
+    finally:
+        os.umask(old)
+    for path in (checkpoint, export):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path

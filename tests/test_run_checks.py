@@ -269,3 +269,41 @@ def test_shortcuts_and_check_run_every_check_and_start_nothing(tmp_path):
     assert "--epochs and --set train.epochs" in one_error_line(
         train("--data", str(data), "--epochs", "2", "--check", *quick, "--set", "train.epochs=3"))
     assert "data.path" in one_error_line(train("--data", str(tmp_path / "nowhere"), "--check", *quick))
+
+
+@pytest.mark.slow
+def test_the_console_names_the_run_folder_first_and_prints_a_line_per_validation(tmp_path):
+    data, runs = image_folder(tmp_path / "data"), tmp_path / "runs"
+    done = train(*folder_run(data, runs, "train.validate_every=1", "train.val_resolutions=[16,24]"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    # Warnings about the recipe (16 px is off the stride-32 grid) come first, then the run.
+    assert [line for line in lines if not line.startswith("warning: ")][0] == f"run folder: {run_dir}"
+    epochs = [line for line in lines if line.startswith("train epoch ") and "s training:" in line]
+    assert [line.split(",")[0] for line in epochs] == ["train epoch 1/2", "train epoch 2/2"]
+    assert all("top-1" in line and "@16" in line and "@24" in line for line in epochs)
+    finals = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"phase"')]
+    shown = f"{100 * finals[0]['val/top1@24']:.2f} %"  # the last line agrees with the final results
+    assert shown in epochs[-1].split("@16")[1], (shown, epochs[-1])
+    assert any("train epoch 2/2" in line and "3/3" in line for line in lines), "the bar ends at its total"
+
+
+def test_resume_auto_takes_the_furthest_run_not_the_newest(tmp_path):
+    """A new run of the same config started by mistake and stopped at step 1 must not hide the one at step 21."""
+    older, newer = tmp_path / "run-20260101-000000", tmp_path / "run-20260102-000000"
+    save_checkpoint({"model": {}, "config": {}}, older / "checkpoints" / "train-step00000021.pt")
+    save_checkpoint({"model": {}, "config": {}}, newer / "checkpoints" / "train-step00000001.pt")
+    assert candidates([newer, older])[0] == older / "checkpoints" / "train-step00000021.pt"
+    save_checkpoint({"model": {}, "config": {}}, newer / "checkpoints" / "train-step00000021.pt")
+    assert candidates([older, newer])[0] == newer / "checkpoints" / "train-step00000021.pt"  # equals: the newer
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
+    args, run_dir = finished_run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    done = train(*args, "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{run_dir} is finished (train-final.pt); nothing to resume" in done.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -17,8 +17,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple, cast
 
@@ -99,7 +99,9 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> Path:
         free = shutil.disk_usage(path.parent).free
         if free < needed:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # Not mkstemp, whose file is owner-only: a checkpoint gets the umask's mode, as every file a run writes.
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
         if err.errno in STORAGE_ERRNOS:
             raise _storage_error(path, err, needed) from None
@@ -186,12 +188,11 @@ def checkpoint_order(path: Path) -> Tuple[int, float]:
 
 
 def candidates(run_dirs: List[Path]) -> List[Path]:
-    """Checkpoints to resume from, best first: the newest run folder first (run folder names end in their start
-    time), and within a run the furthest (phase, step)."""
-    found = []
-    for run in sorted(run_dirs, key=lambda d: d.name, reverse=True):
-        found += sorted((run / "checkpoints").glob("*.pt"), key=checkpoint_order, reverse=True)
-    return found
+    """Checkpoints to resume from, best first: the furthest (phase, step) of any of the runs, so a run started by
+    mistake and stopped early never hides one with more progress; between equals, the newer run (run folder names
+    end in their start time)."""
+    found = [p for run in run_dirs for p in (run / "checkpoints").glob("*.pt")]
+    return sorted(found, key=lambda p: (checkpoint_order(p), p.parent.parent.name), reverse=True)
 
 
 def find_resumable(run_dirs: List[Path], warn: Callable[[str], None] = print) -> Optional[Path]:

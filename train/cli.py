@@ -23,7 +23,7 @@ from data.resample import in_use as resize_in_use
 from ipu_options.plan import PlanError
 
 from .backends import BackendError
-from .checkpoint import CheckpointError, find_resumable
+from .checkpoint import CheckpointError, final_checkpoint_name, find_resumable, remove_stale_temporaries
 from .config import Config, ConfigError, load_config, to_yaml
 from .config_docs import key_docs, render_markdown, render_text
 from .errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, StorageError
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the one-line error")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto': the furthest loadable checkpoint of this "
-                             "config's newest run (corrupt ones are skipped)")
+                             "config's runs (corrupt ones are skipped); a finished run exits 0")
     parser.add_argument("--resume-force", action="store_true",
                         help="resume even though the config changes what the run computes (model, batch geometry, "
                              "data, seed, schedule, number of processes); each change is listed")
@@ -208,10 +208,13 @@ def print_config(config: Optional[str], overrides: List[str]) -> None:
 def _resume_path(resume: str, cfg: Config) -> Optional[Path]:
     if resume != "auto":
         return Path(resume)
-    path = find_resumable(list_run_dirs(cfg), warn=lambda m: print(m, file=sys.stderr))
+    runs = list_run_dirs(cfg)
+    path = find_resumable(runs, warn=lambda m: print(m, file=sys.stderr))
     if path is None:
         print(f"--resume auto: no checkpoint of {cfg.name!r} under {cfg.logging.run_dir}/; starting afresh",
               file=sys.stderr)
+    elif len(runs) > 1:
+        print(f"--resume auto: {path} is the furthest of {len(runs)} runs of {cfg.name!r}", file=sys.stderr)
     return path
 
 
@@ -230,6 +233,12 @@ def train(config: Optional[str], overrides: List[str], resume: Optional[str], fo
     world_size = launch_world_size()
     if state is not None:
         check_resume(state, cfg, world_size, force, note=lambda m: print(m, file=sys.stderr))
+        if (path is not None and path.name == final_checkpoint_name(plan.phases[-1].name)
+                and not (check_only or force)):  # --resume-force still loads it into the changed run
+            print(f"{checkpoint_run_dir(path)} is finished ({path.name}); nothing to resume", file=sys.stderr)
+            for stale in remove_stale_temporaries(path.parent):  # what a killed write left; nothing else changes
+                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+            return
     datasets = check_data(plan, world_size)
     if check_only:
         for line in describe_plan(plan, world_size):

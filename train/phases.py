@@ -113,10 +113,11 @@ def check_training_resolution(cfg: Config, res: int) -> None:
     own = train_resolution(cfg.model.name)
     if res % 32 in (0, own % 32):
         return
+    nearby = sorted({max(32, res - res % 32), res - res % 32 + 32})
     warnings.warn(f"train.resolution {res} is not a multiple of 32 ({res % 32} over) nor {own % 32} over one like "
                   f"{cfg.model.name}'s own {own} px: the network downsamples by 32 with SAME-style padding, so this "
-                  "size pads some stride-2 layers unevenly; prefer e.g. "
-                  f"{max(32, res - res % 32)} or {res - res % 32 + 32}", stacklevel=2)
+                  f"size pads some stride-2 layers unevenly; prefer e.g. {' or '.join(map(str, nearby))}",
+                  stacklevel=2)
 
 
 def training_phase(cfg: Config) -> Phase:

@@ -220,6 +220,7 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         self._prepare_run_dir()
         if self.is_main:
+            print(f"run folder: {self.run_dir}", file=sys.stderr)
             print(f"norm units: {self.model.norm_impl} (model.norm_impl: {self.cfg.model.norm_impl})", file=sys.stderr)
         state = self.resume
         position = Position(**state["position"]) if state else Position()
@@ -296,16 +297,20 @@ class Trainer:
         bar = self._epoch_batches(run, stage, pos)
         throughput = _Throughput()
         self.clock = time.time()
-        for images, labels in bar:
+        # The bar is advanced by hand: tqdm's own iteration counts a call only when the next one is asked for, so
+        # a phase that ends mid-epoch would leave it one short.
+        for images, labels in bar.iterable:
             lr = lr_at(pos.step, run.steps_per_epoch, run.total, peak, run.phase.schedule)
             stats = self._step(run, stage, pos, images, labels, lr)
             throughput.add(self._count(run, stage, pos, stats))
+            bar.update(1)
             self._apply_nonfinite_policy(run, pos, stats)
             if pos.step % self.cfg.logging.log_every == 0 or pos.step >= run.total:
                 self._log_step(run, stage, pos, lr, stats, throughput.read(), bar)
             self._stop_or_checkpoint(run, pos)
             if pos.step >= run.total:
                 break
+        bar.close()
         self._add_training_time(pos)
 
     def _epoch_batches(self, run: _PhaseRun, stage: Stage, pos: Position) -> ProgressBar:
@@ -318,7 +323,8 @@ class Trainer:
         with stop_signals_deferred():
             batches: Iterator = iter(run.backend.train_loader(train_set, seed=self.cfg.train.seed, epoch=pos.epoch,
                                                               start_call=pos.call))
-        return self.logger.progress(batches, total=run.calls - pos.call, desc=f"{run.phase.name} epoch {pos.epoch}")
+        return self.logger.progress(batches, total=run.calls - pos.call,
+                                    desc=f"{run.phase.name} epoch {pos.epoch + 1}/{run.phase.epochs}")
 
     def _step(self, run: _PhaseRun, stage: Stage, pos: Position, images: torch.Tensor, labels: torch.Tensor,
               lr: float) -> StepStats:
@@ -472,6 +478,8 @@ class Trainer:
         if current is not None:
             backend.set_weights(current)
         self.logger.log(metrics, step=self._global_step(pos))
+        if self.is_main:
+            print(validation_line(phase, pos, metrics), file=sys.stderr, flush=True)
         self._keep_best(run, metrics)
         if final:
             self.results.update({f"{phase.name}/{k}": v for k, v in metrics.items() if k.startswith("val/")})
@@ -553,6 +561,18 @@ class Trainer:
             error = error or failure
         if error:
             raise StorageError(error)
+
+
+def validation_line(phase: Phase, pos: Position, metrics: Dict[str, Any]) -> str:
+    """The console's line per validation: epochs done, top-1/top-5 at every resolution and weights, loss, time."""
+    scores = []
+    found = (key[len("val/"):].split("top1@") for key in metrics if key.startswith("val/") and "top1@" in key)
+    for prefix, res in sorted(found, key=lambda pr: (pr[0], int(pr[1]))):  # raw weights first, then averages
+        weights = f" ({prefix.rstrip('/').replace('_avg', '')} average)" if prefix else ""
+        top1, top5, loss = (metrics[f"val/{prefix}{name}@{res}"] for name in ("top1", "top5", "loss"))
+        scores.append(f"top-1 {100 * top1:.2f} % top-5 {100 * top5:.2f} % loss {loss:.3f} @{res}{weights}")
+    return (f"{phase.name} epoch {pos.epoch}/{phase.epochs}, step {pos.step}, {pos.seconds:.0f} s training: "
+            + "; ".join(scores))
 
 
 def resume_state(path: Path) -> Dict[str, Any]:
