@@ -154,3 +154,13 @@ def test_help_lists_every_key_with_type_default_and_allowed_values(capsys):
     out = capsys.readouterr().out
     assert "  train.nonfinite  (choice) = stop  [stop, skip]" in out
     assert "  optimizer.lr  (float) = 0.046875  [>= 0.0]" in out
+
+
+def test_a_comma_separated_value_is_a_list_where_the_key_takes_one():
+    cfg = load_config(None, ["train.val_resolutions=32,64", "data.crop_scale=0.1,1.0", "logging.name=a,b"])
+    assert cfg.train.val_resolutions == [32, 64] and cfg.data.crop_scale == (0.1, 1.0)
+    assert cfg.logging.name == "a,b"  # a string key keeps its commas
+    with pytest.raises(ConfigError, match=r"train.val_resolutions\[1\]: 'x' is not an integer"):
+        load_config(None, ["train.val_resolutions=32,x"])
+    with pytest.raises(ConfigError, match=r"data.crop_scale"):
+        load_config(None, ["data.crop_scale=0.1,0.5,1.0"])

@@ -334,6 +334,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return check_section(cast(type, tp), value, key)
     elif origin in (list, tuple):
+        if isinstance(value, str) and "," in value:  # --set key=32,64 as validate's --resolutions 32,64
+            value = [parse_yaml(item, key) for item in value.split(",")]
         if isinstance(value, (list, tuple)) and (origin is list or len(value) == len(args)):
             items = [_check_item(v, args[0] if origin is list else args[i], f"{key}[{i}]") for i, v in enumerate(value)]
             return items if origin is list else tuple(items)
