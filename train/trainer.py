@@ -298,19 +298,19 @@ class Trainer:
         throughput = _Throughput()
         self.clock = time.time()
         # The bar is advanced by hand: tqdm's own iteration counts a call only when the next one is asked for, so
-        # a phase that ends mid-epoch would leave it one short.
-        for images, labels in bar.iterable:
-            lr = lr_at(pos.step, run.steps_per_epoch, run.total, peak, run.phase.schedule)
-            stats = self._step(run, stage, pos, images, labels, lr)
-            throughput.add(self._count(run, stage, pos, stats))
-            bar.update(1)
-            self._apply_nonfinite_policy(run, pos, stats)
-            if pos.step % self.cfg.logging.log_every == 0 or pos.step >= run.total:
-                self._log_step(run, stage, pos, lr, stats, throughput.read(), bar)
-            self._stop_or_checkpoint(run, pos)
-            if pos.step >= run.total:
-                break
-        bar.close()
+        # a phase that ends mid-epoch would leave it one short. ``with`` ends its line before any error is printed.
+        with bar:
+            for images, labels in bar.iterable:
+                lr = lr_at(pos.step, run.steps_per_epoch, run.total, peak, run.phase.schedule)
+                stats = self._step(run, stage, pos, images, labels, lr)
+                throughput.add(self._count(run, stage, pos, stats))
+                bar.update(1)
+                self._apply_nonfinite_policy(run, pos, stats)
+                if pos.step % self.cfg.logging.log_every == 0 or pos.step >= run.total:
+                    self._log_step(run, stage, pos, lr, stats, throughput.read(), bar)
+                self._stop_or_checkpoint(run, pos)
+                if pos.step >= run.total:
+                    break
         self._add_training_time(pos)
 
     def _epoch_batches(self, run: _PhaseRun, stage: Stage, pos: Position) -> ProgressBar:
