@@ -28,11 +28,12 @@ from train.trainer import run_dirs_named
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
-#: 3 epochs of 8 steps at 32 px on 256 photos; a checkpoint every 2 steps so a stop lands mid-run.
+#: 2 epochs of 6 steps at 32 px on 192 photos; a checkpoint every 2 steps so a stop lands mid-run.
+EPOCHS, PHOTOS = 2, 192
 SHARED_SET = {
     "model.num_classes": 10, "model.width_mult": 0.25, "model.depth_mult": 0.25, "data.dataset": "tar",
-    "data.workers": 0, "data.train_subset": 256, "data.val_subset": 64, "train.resolution": 32,
-    "train.epochs": 3, "train.micro_batch_size": 32, "train.val_batch_size": 64, "train.val_resolutions": [32, 64],
+    "data.workers": 0, "data.train_subset": PHOTOS, "data.val_subset": 64, "train.resolution": 32,
+    "train.epochs": EPOCHS, "train.micro_batch_size": 32, "train.val_batch_size": 64, "train.val_resolutions": [32, 64],
     "optimizer.name": "adamw", "optimizer.lr": 0.002, "optimizer.reference_batch": 32, "schedule.name": "cosine",
     "schedule.warmup_epochs": 0, "logging.wandb": "disabled", "checkpoint.every_steps": 2,
 }
@@ -76,11 +77,11 @@ def test_a_micro_study_runs_skips_resumes_and_reports_failures(shared_imagenette
     rows = {r["run"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert rows["a"]["status"] == "ok" and rows["broken"]["status"] == "failed"
     rate = float(rows["a"]["train_images_per_s_median"])  # the median of the run's logged window rates
-    # Both figures are rounded to 0.1 (s and images/s): 0.05 s, plus 3 * 256 / rate's change for 0.05 images/s.
-    steady = 3 * 256 / rate
+    # Both figures are rounded to 0.1 (s and images/s): 0.05 s, plus the images / rate's change for 0.05 images/s.
+    steady = EPOCHS * PHOTOS / rate
     assert float(rows["a"]["training_seconds_steady"]) == pytest.approx(steady, abs=0.05 + steady * 0.05 / rate)
     record = json.loads((out / "arms" / "a.json").read_text())
-    assert record["images_seen"] == 3 * 256 and record["train_resolution"] == 32 and 0 <= record["top1"] <= 1
+    assert record["images_seen"] == EPOCHS * PHOTOS and record["train_resolution"] == 32 and 0 <= record["top1"] <= 1
     assert record["training_gmacs"] > 0 and record["train_images_per_s"] > 0 and record["peak_rss_mib"] > 0
     assert {(s["phase"], s["resolution"]) for s in record["sweep"]} == {("train", 32), ("train", 64)}
     assert record["top1"] == record["val"]["train/epoch_avg/top1@64"]  # the weights it hands on, at 64 px
@@ -88,7 +89,7 @@ def test_a_micro_study_runs_skips_resumes_and_reports_failures(shared_imagenette
     assert at_64 == [record["top1"]]  # the sweep and the run's own validation agree
     assert (out / "figure1.png").stat().st_size > 0 and (out / "fixres.png").stat().st_size > 0
     table = (out / "results.md").read_text()
-    assert f"| a | G16-LN+PN | 32 | 32 | 3 | {100 * record['top1']:.2f} |" in table and "| broken |" in table
+    assert f"| a | G16-LN+PN | 32 | 32 | {EPOCHS} | {100 * record['top1']:.2f} |" in table and "| broken |" in table
 
     # 2. Arm b, stopped by SIGTERM to the study's process group once it has a step checkpoint: exit 130, no record.
     proc = subprocess.Popen(study_cmd(study, out, "--arms", "b"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -120,7 +121,7 @@ def test_a_micro_study_runs_skips_resumes_and_reports_failures(shared_imagenette
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     # The fine-tune-only arm counts a's training and its own fine-tune; its sweep is the fine-tuned weights'.
     ft, a_record = (json.loads((out / "arms" / f"{n}.json").read_text()) for n in ("ft", "a"))
-    assert ft["finetune_from"] == "a" and ft["finetune_resolution"] == 64 and ft["finetune_images"] == 256
+    assert ft["finetune_from"] == "a" and ft["finetune_resolution"] == 64 and ft["finetune_images"] == PHOTOS
     assert ft["training_seconds"] == round(a_record["train_seconds"] + ft["finetune_seconds"], 1)
     assert ft["val"]["train/top1@32"] == a_record["val"]["train/top1@32"]
     assert ft["top1"] == ft["val"]["finetune/top1@64"] and {s["phase"] for s in ft["sweep"]} == {"finetune"}
