@@ -307,3 +307,16 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{run_dir} is finished (train-final.pt); nothing to resume" in done.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_class_count_that_does_not_fit_the_data_is_found_before_the_first_step(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=2)  # 2 classes
+    quick = sets(TINY_MODEL + ["logging.wandb=disabled", "train.val_batch_size=4"])
+    fewer = one_error_line(train("--data", str(data), "--batch-size", "4", "--resolution", "16", "--check", *quick,
+                                 "--set", "model.num_classes=1"))
+    assert "model.num_classes 1 is fewer than the 2 classes of" in fewer and "model.num_classes=2" in fewer
+    more = train("--data", str(data), "--batch-size", "4", "--resolution", "16", "--check", *quick)  # 10 outputs
+    assert more.returncode == 0, more.stderr[-3000:]
+    (warned,) = [line for line in more.stderr.splitlines() if "model.num_classes" in line]
+    assert warned.startswith("warning: model.num_classes 10 but") and "8 outputs will never be a label" in warned

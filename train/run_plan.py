@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -83,6 +84,7 @@ def check_data(plan: RunPlan, world_size: int) -> Tuple[ImageDataset, ImageDatas
     cfg = plan.cfg
     train_set = build_dataset(cfg.data, "train", build_transform("eval", 32, cfg.data))
     val_set = build_dataset(cfg.data, "val", build_transform("eval", 32, cfg.data))
+    check_classes(cfg.model.num_classes, train_set)
     for index, phase in enumerate(plan.phases):
         needed = plan.samples_per_call(index, world_size)
         if needed > len(train_set):
@@ -100,6 +102,19 @@ def check_data(plan: RunPlan, world_size: int) -> Tuple[ImageDataset, ImageDatas
     _decode(val_set.with_transform(build_transform("eval", first.val_resolutions[0], cfg.data)),
             cfg.train.val_batch_size, cfg.train.seed)
     return train_set, val_set
+
+
+def check_classes(num_classes: int, train_set: ImageDataset) -> None:
+    """The classifier has an output for every class of the data: fewer is an error (a label would have no output),
+    more a one-line warning (outputs that are never a label: the ImageNet default left on a small data set)."""
+    found = train_set.num_classes
+    if found > num_classes:
+        raise ConfigError(f"model.num_classes {num_classes} is fewer than the {found} classes of {train_set}; set "
+                          f"model.num_classes={found}")
+    if found < num_classes:
+        warnings.warn(f"model.num_classes {num_classes} but {train_set} has {found} classes: {num_classes - found} "
+                      f"outputs will never be a label; set model.num_classes={found} unless that is meant",
+                      stacklevel=2)
 
 
 def _decode(dataset: ImageDataset, count: int, seed: int) -> List[object]:
