@@ -21,6 +21,7 @@ from conftest import TINY_MODEL, needs_fashion
 from data.layout import infer_dataset
 from models import build_model, load_exported
 from models.exported_file import EvalPreprocessing, save_exported
+from train import cli as train_cli
 from train.checkpoint import candidates, load_checkpoint, save_checkpoint
 from train.config import ConfigError, config_to_dict, load_config
 from train.export import load_trained
@@ -320,3 +321,13 @@ def test_a_class_count_that_does_not_fit_the_data_is_found_before_the_first_step
     assert more.returncode == 0, more.stderr[-3000:]
     (warned,) = [line for line in more.stderr.splitlines() if "model.num_classes" in line]
     assert warned.startswith("warning: model.num_classes 10 but") and "8 outputs will never be a label" in warned
+
+
+def test_shortcuts_are_set_items_and_data_reads_its_kind_unless_given():
+    parse = train_cli.build_parser().parse_args
+    assert train_cli.shortcut_overrides(parse(["--data", "/d", "--epochs", "3", "--resolution", "half"])) == [
+        'data.path="/d"', "train.epochs=3", 'train.resolution="half"', "data.dataset=auto"]
+    explicit = train_cli.shortcut_overrides(parse(["--data", "/d", "--set", "data.dataset=imagefolder"]))
+    assert explicit == ['data.path="/d"', "data.dataset=imagefolder"]  # the kind given wins over auto
+    with pytest.raises(ConfigError, match="--batch-size and --set train.micro_batch_size both set"):
+        train_cli.shortcut_overrides(parse(["--batch-size", "8", "--set", "train.micro_batch_size=4"]))

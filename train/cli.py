@@ -61,14 +61,14 @@ def shortcut_overrides(args: argparse.Namespace) -> List[str]:
     given = {key: getattr(args, _dest(flag)) for flag, (key, *_) in SHORTCUTS.items()
              if getattr(args, _dest(flag)) is not None}
     items = [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in given.items()]
-    if args.data is not None:
-        items.append("data.dataset=auto")
     explicit = {item.partition("=")[0].strip() for item in args.overrides}
     for item in items:
         key = item.partition("=")[0]
         if key in explicit:
-            flag = next((f for f, (k, *_) in SHORTCUTS.items() if k == key), "--data")
+            flag = next(f for f, (k, *_) in SHORTCUTS.items() if k == key)
             raise ConfigError(f"{flag} and --set {key} both set {key}; keep one")
+    if args.data is not None and "data.dataset" not in explicit:  # the recipe's kind was for its own path
+        items.append("data.dataset=auto")
     if args.amp:
         if "precision.compute" in explicit:
             raise ConfigError("--amp and --set precision.compute both set precision.compute; keep one")
