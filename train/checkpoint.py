@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple, cast
 
@@ -216,12 +217,12 @@ def prune(folder: Path, phase: str, keep: int, protect: Optional[Path] = None) -
             old.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(folder: Path) -> List[Path]:
-    """Delete the temporary files of writes that a killed process never finished; returns them."""
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a killed process never finished, saying so on stderr."""
     stale = [p for p in folder.glob(".*.tmp") if _TEMPORARY.fullmatch(p.name)] if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
-    return stale
+        print(f"removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
 
 
 NONFINITE_SUFFIX = ".nonfinite"

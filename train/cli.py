@@ -167,10 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         docs = key_docs()
         print(render_markdown(docs) if args.help_config == "markdown" else render_text(docs), end="")
         return 0
-    overrides: List[str] = []
-
     def job() -> None:
-        overrides[:] = shortcut_overrides(args)
+        overrides = shortcut_overrides(args)
         if args.print_config:
             print_config(args.config, overrides)
         elif args.check:
@@ -236,8 +234,7 @@ def train(config: Optional[str], overrides: List[str], resume: Optional[str], fo
         if (path is not None and path.name == final_checkpoint_name(plan.phases[-1].name)
                 and not (check_only or force)):  # --resume-force still loads it into the changed run
             print(f"{checkpoint_run_dir(path)} is finished ({path.name}); nothing to resume", file=sys.stderr)
-            for stale in remove_stale_temporaries(path.parent):  # what a killed write left; nothing else changes
-                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+            remove_stale_temporaries(path.parent)  # what a killed write left; nothing else changes
             return
     datasets = check_data(plan, world_size)
     if check_only:

@@ -249,8 +249,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             self.ckpt_dir.mkdir(exist_ok=True)
-            for stale in remove_stale_temporaries(self.ckpt_dir):
-                print(f"removed {stale}, left by an interrupted checkpoint write", file=sys.stderr)
+            remove_stale_temporaries(self.ckpt_dir)
         except OSError as err:
             raise StorageError(f"cannot write the run folder {self.run_dir}: {err.strerror or err}; set "
                                "logging.run_dir to a writable folder") from None
